@@ -1,0 +1,93 @@
+"""Build and install scadfast.
+
+The C++ extension ``scadfast._C`` (conditioning augmentation, ``csrc/``) always builds its CPU path;
+its CUDA path builds when a CUDA toolkit is found. ``SCADFAST_CUDA=0`` forces CPU only,
+``SCADFAST_CUDA=1`` requires CUDA (fails if no toolkit). Without a visible GPU,
+``TORCH_CUDA_ARCH_LIST`` defaults to "8.0;9.0" (A100, H100/H200). The Triton kernels in ``kernels/``
+are installed as ``scadfast.kernels``.
+
+Install for development (uses the torch you already have, e.g. your own CUDA build):
+
+    pip install --no-build-isolation -e .
+"""
+
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+
+
+def _find_cuda_home():
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    for cand in ("/usr/local/cuda",):
+        if os.path.exists(os.path.join(cand, "bin", "nvcc")):
+            return cand
+    return None
+
+
+want = os.environ.get("SCADFAST_CUDA", "auto").lower()
+cuda_home = _find_cuda_home() if want != "0" else None
+if want == "1" and cuda_home is None:
+    raise RuntimeError("SCADFAST_CUDA=1 but no CUDA toolkit (nvcc) was found; set CUDA_HOME")
+if cuda_home:
+    # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
+    os.environ["CUDA_HOME"] = cuda_home
+
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+here = os.path.dirname(os.path.abspath(__file__))
+cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+cu_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+ext_modules = []
+if cpp_sources:
+    cxx_flags = ["-O3", "-std=c++17"]
+    if cuda_home and cu_sources:
+        import torch
+
+        if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        ext_modules.append(
+            CUDAExtension(
+                "scadfast._C",
+                cpp_sources + cu_sources,
+                define_macros=[("SCADFAST_WITH_CUDA", "1")],
+                extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
+            )
+        )
+    else:
+        ext_modules.append(CppExtension("scadfast._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}))
+
+packages = find_packages(include=["scadfast", "scadfast.*"]) + ["scadfast.kernels"]
+
+setup(
+    name="scadfast",
+    version="0.1.0",
+    description="Fast CLIP-aided text-to-image GANs (GALIP / SCAD / MS-CLIP-GAN) with fused GPU ops",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir={"scadfast.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    install_requires=[
+        "torch>=2.5",
+        "triton>=3.0; platform_system=='Linux'",
+        "open_clip_torch>=2.24",
+        "numpy>=1.24",
+        "pillow>=9",
+        "pyyaml>=6",
+        "tensorboard>=2.14",
+        "ninja",
+        "pybind11>=2.10",
+    ],
+    extras_require={
+        "dali": ["nvidia-dali-cuda130"],
+        "test": ["pytest>=7"],
+    },
+    entry_points={"console_scripts": ["scadfast-train=scadfast.train:main"]},
+    zip_safe=False,
+)
