@@ -1,0 +1,83 @@
+"""Variants: named presets of orthogonal switches (SPEC §2).
+
+A variant is a :class:`VariantConfig`; every field is also a CLI flag of ``scadfast.train``
+(``--d-loss``, ``--fidelity``, ``--mi-weight``, ``--cond-aug/--no-cond-aug``, …), so a user can build
+any other split. ``build(cfg, clip)`` returns a :class:`GANPair`.
+
+The contract every built model pair follows (the training engine only uses this):
+
+``pair.G`` / ``pair.D``
+    ``nn.Module`` holding every trainable generator-side / discriminator-side parameter (D includes
+    its heads, the MI head Q and any PatchGAN). The frozen CLIP is never a submodule of either.
+``pair.z_dim``
+    noise size.
+``pair.generate(z, s) -> image``
+    (B, 3, H, W), unbounded (clamp to [-1, 1] only for saving/evaluating).
+``pair.d_loss(real, s, z, impl="auto") -> (loss, stats)``
+    ``real`` images in [-1, 1] (B, 3, H, W); ``s`` sentence embeddings (B, d_txt); ``z`` (B, z_dim).
+    Generates the fakes itself without G gradients. ``stats`` maps names to detached scalars.
+``pair.g_loss(s, z, impl="auto") -> (loss, stats)``
+``impl``
+    ``"auto"`` uses the fused ops, ``"ref"`` switches every op to its reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass
+class VariantConfig:
+    name: str
+    # --- GALIP family (SPEC §4, §5) ---
+    d_loss: str = "hinge"  # "hinge" | "san" (semantic head loss)
+    fidelity: str = "none"  # "none" | "clip_patch" | "pixel_patchgan"
+    fidelity_loss: str = "hinge"  # "hinge" | "san" (pixel_patchgan only: SAN with one global ω)
+    mi_weight: float = 0.0  # λ_MI; > 0 adds the Q(z|x) head (SPEC §5.7)
+    mi_learn_sigma: bool = False
+    clip_weight: float = 4.0  # λ_clip of the generator's CLIP-similarity term
+    gp_weight: float = 2.0  # MA-GP k
+    gp_power: float = 6.0  # MA-GP p
+    gp_every: int = 1  # lazy regularisation: penalty every N D steps, scaled by N
+    z_dim: int = 100
+    ngf: int = 64  # generator base width
+    ndf: int = 64  # discriminator base width
+    # --- MS-CLIP-GAN (SPEC §6) ---
+    arch: str = "galip"  # "galip" | "ms_clip_gan"
+    cond_aug: bool = False
+    ca_mode: str = "glu"  # "glu" (v2) | "relu" (v1)
+    ca_dim: int = 128  # E
+    kl_weight: float = 1.0
+    n_critic: int = 1  # D steps per G step
+    label_smoothing: float = 0.0  # real target 1 - label_smoothing (MS-CLIP-GAN hinge: margin)
+    use_uncond_loss: bool = True
+    # --- optimisation (SPEC §5.8) ---
+    lr_g: float = 1e-4
+    lr_d: float = 4e-4
+    betas: tuple = (0.0, 0.9)
+
+    def replace(self, **changes) -> "VariantConfig":
+        return dataclasses.replace(self, **changes)
+
+
+_PRESETS = {
+    "galip": VariantConfig("galip", d_loss="hinge", fidelity="none"),
+    "scad": VariantConfig("scad", d_loss="san", fidelity="clip_patch"),
+    "scad_mi": VariantConfig("scad_mi", d_loss="san", fidelity="clip_patch", mi_weight=1.0),
+    "scad_dd": VariantConfig("scad_dd", d_loss="san", fidelity="pixel_patchgan"),
+    "ms_clip_gan": VariantConfig(
+        "ms_clip_gan", arch="ms_clip_gan", d_loss="hinge", cond_aug=True, ca_mode="relu", kl_weight=2.0,
+        clip_weight=1.0, gp_weight=0.0, lr_g=2e-4, lr_d=2e-4, betas=(0.5, 0.999),
+    ),
+}
+
+
+def names() -> list[str]:
+    return list(_PRESETS)
+
+
+def get(name: str, **overrides) -> VariantConfig:
+    if name not in _PRESETS:
+        raise ValueError(f"unknown variant {name!r}; choose one of {names()}")
+    return _PRESETS[name].replace(**overrides)
