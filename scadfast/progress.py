@@ -1,0 +1,65 @@
+"""Progress reporting for long runs: a status line (step, images/s, losses, ETA) and TensorBoard."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+def format_seconds(s: float) -> str:
+    s = int(max(0, s))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h:d}:{m:02d}:{sec:02d}" if h else f"{m:02d}:{sec:02d}"
+
+
+class Progress:
+    """Prints ``step/total | img/s | losses | ETA`` lines and mirrors scalars to TensorBoard.
+
+    Only the main rank should create one with ``enabled=True``.
+    """
+
+    def __init__(self, total_steps: int, start_step: int = 0, log_dir: str | None = None,
+                 enabled: bool = True, stream=None):
+        self.total, self.start = total_steps, start_step
+        self.enabled = enabled
+        self.stream = stream or sys.stderr
+        self.t0 = time.perf_counter()
+        self.last_t, self.last_step, self.images = self.t0, start_step, 0
+        self.writer = None
+        if enabled and log_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(log_dir)
+            except Exception as e:  # tensorboard missing: keep training, say so once
+                print(f"[scadfast] TensorBoard logging disabled ({e})", file=self.stream)
+
+    def log(self, step: int, images_seen: int, scalars: dict[str, float]) -> dict:
+        now = time.perf_counter()
+        dt = max(now - self.last_t, 1e-9)
+        ips = (images_seen - self.images) / dt
+        done = step - self.start
+        rate = done / max(now - self.t0, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else float("nan")
+        self.last_t, self.last_step, self.images = now, step, images_seen
+        info = dict(scalars, images_per_s=ips)
+        if self.enabled:
+            losses = " ".join(f"{k}={v:.4g}" for k, v in scalars.items())
+            pct = 100.0 * step / max(self.total, 1)
+            print(f"step {step}/{self.total} ({pct:5.1f}%) | {ips:7.1f} img/s | {losses} | "
+                  f"elapsed {format_seconds(now - self.t0)} ETA {format_seconds(eta)}",
+                  file=self.stream, flush=True)
+            if self.writer is not None:
+                for k, v in info.items():
+                    self.writer.add_scalar(k, v, step)
+        return info
+
+    def image(self, tag: str, grid_hwc, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_image(tag, grid_hwc, step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
