@@ -9,10 +9,10 @@ See :mod:`scadfast.ops._impl` for the meaning of ``impl``.
 from .cond_aug import CondAug, cond_aug, cond_aug_ref
 from .patch_hinge import patch_hinge_loss, patch_hinge_loss_ref
 from .san import san_d_loss, san_d_loss_ref, san_logits, san_logits_ref
-from .spectral_norm import spectral_norm, spectral_norm_all
+from .spectral_norm import power_iteration_, power_iteration_grouped_, spectral_norm, spectral_norm_all
 
 __all__ = [
-    "spectral_norm", "spectral_norm_all",
+    "spectral_norm", "spectral_norm_all", "power_iteration_", "power_iteration_grouped_",
     "san_logits", "san_logits_ref", "san_d_loss", "san_d_loss_ref",
     "patch_hinge_loss", "patch_hinge_loss_ref",
     "cond_aug", "cond_aug_ref", "CondAug",
