@@ -1,23 +1,234 @@
-"""Hinge loss over any logit shape (PatchGAN maps, per-sample logits): SPEC §5.2 / §5.4."""
+"""Hinge loss over any logit shape (PatchGAN maps, per-patch or per-sample logits): SPEC §5.2 / §5.4.
+
+    loss = mean(relu(1 - x))   real logits
+    loss = mean(relu(1 + x))   fake logits
+
+With ``weight`` (broadcastable to the logits) the mean becomes ``Σ w·l / Σ w`` over the broadcast
+shape, e.g. a per-sample weight ``(B, 1, 1, 1)`` on a ``(B, 1, H, W)`` map, or a full-shape mask.
+The weight is a constant: it never receives a gradient (in every ``impl``, the reference included).
+``Σ w`` must be non-zero (a zero sum gives inf/nan, as the plain formula does).
+
+Paths (``impl``, see :mod:`scadfast.ops._impl`):
+
+``"ref"``    :func:`patch_hinge_loss_ref`, plain autograd-visible torch.
+``"triton"`` the kernels in :mod:`scadfast.kernels.patch_hinge`: forward is one pass over the data
+             (one launch for small inputs, else per-program partials plus a one-program
+             deterministic finishing reduce — no atomics), backward is one pass, one launch.
+``"auto"``   Triton on CUDA; on CPU the fused CPU path: the same custom ops with a hand-written
+             torch forward and backward (no autograd graph of intermediates is kept).
+
+The fused paths are the custom ops ``scadfast::patch_hinge_fwd`` (returns the loss and ``Σ w``, saved
+for backward) and ``scadfast::patch_hinge_bwd`` (the gradient, contiguous, in the logits' dtype),
+with fake implementations for ``torch.compile`` and registered autograd. ``patch_hinge_bwd`` has its
+own autograd formula (the gradient is linear in the incoming gradient and piecewise constant in the
+logits), so double backward — ``gradgradcheck``, gradient penalties through the loss — works.
+
+Dtypes: fp16/bf16/fp32/fp64 logits; accumulation and the loss are fp32 (fp64 for fp64 logits); the
+gradient has the logits' dtype. Any layout is accepted without a copy (strided views, expanded
+weights).
+"""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+
+from ._impl import acc_dtype, check_same_device, check_tensor, resolve_impl
+
+_OP = "patch_hinge_loss"
 
 
 def patch_hinge_loss_ref(logits: torch.Tensor, real: bool, weight: torch.Tensor | None = None) -> torch.Tensor:
     """``mean(relu(1 - x))`` for real, ``mean(relu(1 + x))`` for fake; fp32 result for half inputs.
 
-    ``weight`` (broadcastable to ``logits``) turns the mean into ``Σ w·l / Σ w`` over the broadcast shape.
+    ``weight`` (broadcastable to ``logits``) turns the mean into ``Σ w·l / Σ w`` over the broadcast shape;
+    it is treated as a constant (detached).
     """
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     x = logits.to(acc)
     l = torch.relu(1 - x) if real else torch.relu(1 + x)
     if weight is None:
         return l.mean()
-    w = weight.to(acc).expand_as(x)
+    w = weight.detach().to(acc).expand_as(x)
     return (l * w).sum() / w.sum()
 
 
-def patch_hinge_loss(logits, real, weight=None, impl="auto"):
-    return patch_hinge_loss_ref(logits, real, weight)
+# ---------------------------------------------------------------------------------------------
+# Fused CPU path: hand-written forward / backward in torch (same math as the kernels).
+
+
+def _cpu_forward(x: torch.Tensor, w: torch.Tensor | None, real: bool):
+    acc = acc_dtype(x.dtype)
+    xa = x.to(acc)
+    l = torch.relu(1 - xa) if real else torch.relu(1 + xa)
+    n = x.numel()
+    if w is None:
+        return l.mean(), l.new_full((), float(n))
+    wa = w.to(acc)
+    # Broadcasting repeats every weight element numel(x) / numel(w) times.
+    denom = wa.sum() * (n // w.numel())
+    return (l * wa).sum() / denom, denom
+
+
+def _cpu_backward(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None, denom: torch.Tensor, real: bool):
+    acc = acc_dtype(x.dtype)
+    xa = x.to(acc)
+    coef = g.to(acc) / denom.to(acc)
+    if w is not None:
+        coef = coef * w.to(acc)
+    if real:
+        gx = torch.where(1 - xa > 0, -coef, 0.0)
+    else:
+        gx = torch.where(1 + xa > 0, coef, 0.0)
+    return gx.to(x.dtype).expand(x.shape).contiguous()
+
+
+def _coef(x: torch.Tensor, w: torch.Tensor | None, denom: torch.Tensor, real: bool) -> torch.Tensor:
+    """∂loss/∂x per element for a unit incoming gradient (plain torch, in the accumulation dtype)."""
+    xa = x.detach().to(acc_dtype(x.dtype))
+    active = (1 - xa > 0) if real else (1 + xa > 0)
+    c = (-1.0 if real else 1.0) / denom.detach().to(xa.dtype)
+    if w is not None:
+        c = c * w.detach().to(xa.dtype)
+    return torch.where(active, c, 0.0)
+
+
+def _kernels():
+    from scadfast.kernels import patch_hinge as k
+
+    return k
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops
+
+
+@torch.library.custom_op("scadfast::patch_hinge_fwd", mutates_args=())
+def _fwd_op(logits: torch.Tensor, weight: Optional[torch.Tensor], real: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, Σw) as 0-dim tensors in the accumulation dtype; ``backend`` is "triton" or "cpu"."""
+    if backend == "triton":
+        return _kernels().hinge_forward(logits, weight, real)
+    if backend == "cpu":
+        return _cpu_forward(logits, weight, real)
+    raise ValueError(f"scadfast::patch_hinge_fwd: unknown backend {backend!r}")
+
+
+@_fwd_op.register_fake
+def _(logits, weight, real, backend):
+    acc = acc_dtype(logits.dtype)
+    return logits.new_empty((), dtype=acc), logits.new_empty((), dtype=acc)
+
+
+@torch.library.custom_op("scadfast::patch_hinge_bwd", mutates_args=())
+def _bwd_op(
+    grad: torch.Tensor, logits: torch.Tensor, weight: Optional[torch.Tensor], denom: torch.Tensor, real: bool, backend: str
+) -> torch.Tensor:
+    """∂loss/∂logits (contiguous, logits' dtype) for the 0-dim incoming gradient ``grad``."""
+    if backend == "triton":
+        return _kernels().hinge_backward(grad, denom, logits, weight, real)
+    if backend == "cpu":
+        return _cpu_backward(grad, logits, weight, denom, real)
+    raise ValueError(f"scadfast::patch_hinge_bwd: unknown backend {backend!r}")
+
+
+@_bwd_op.register_fake
+def _(grad, logits, weight, denom, real, backend):
+    return logits.new_empty(logits.shape)
+
+
+def _fwd_setup(ctx, inputs, output):
+    logits, weight, real, backend = inputs
+    ctx.real, ctx.backend = real, backend
+    ctx.save_for_backward(logits, weight, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _fwd_backward(ctx, grad_loss, grad_denom):
+    logits, weight, denom = ctx.saved_tensors
+    if grad_loss is None or not ctx.needs_input_grad[0]:
+        return None, None, None, None
+    grad_x = torch.ops.scadfast.patch_hinge_bwd(grad_loss, logits, weight, denom, ctx.real, ctx.backend)
+    return grad_x, None, None, None
+
+
+_fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup)
+
+
+def _bwd_setup(ctx, inputs, output):
+    grad, logits, weight, denom, real, backend = inputs
+    ctx.real = real
+    ctx.grad_dtype = grad.dtype
+    ctx.save_for_backward(logits, weight, denom)
+
+
+def _bwd_backward(ctx, gg):
+    # grad_x = grad · c(x) with c piecewise constant in x: ∂/∂grad = Σ gg·c(x), ∂/∂x = 0 almost
+    # everywhere; weight and Σw are constants. Plain torch, so this is differentiable again.
+    logits, weight, denom = ctx.saved_tensors
+    if gg is None or not ctx.needs_input_grad[0]:
+        return None, None, None, None, None, None
+    c = _coef(logits, weight, denom, ctx.real)
+    g_grad = (gg.to(c.dtype) * c).sum().to(ctx.grad_dtype)
+    return g_grad, None, None, None, None, None
+
+
+_bwd_op.register_autograd(_bwd_backward, setup_context=_bwd_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+
+
+def _validate(logits, real, weight) -> None:
+    check_tensor(_OP, "logits", logits)
+    if not isinstance(real, bool):
+        raise TypeError(f"{_OP}: real must be a Python bool, got {type(real).__name__}")
+    if logits.numel() == 0:
+        raise ValueError(f"{_OP}: logits is empty (shape {tuple(logits.shape)}); the mean is undefined")
+    if weight is None:
+        return
+    check_tensor(_OP, "weight", weight)
+    check_same_device(_OP, logits=logits, weight=weight)
+    try:
+        ok = tuple(torch.broadcast_shapes(weight.shape, logits.shape)) == tuple(logits.shape)
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"{_OP}: weight of shape {tuple(weight.shape)} is not broadcastable to logits of shape "
+            f"{tuple(logits.shape)}"
+        )
+
+
+def patch_hinge_loss(
+    logits: torch.Tensor, real: bool, weight: torch.Tensor | None = None, impl: str = "auto"
+) -> torch.Tensor:
+    """Hinge loss ``mean(relu(1 ∓ logits))`` over all elements, as a 0-dim tensor.
+
+    Args:
+        logits: float tensor (fp16/bf16/fp32/fp64) of any non-empty shape and layout, e.g. a PatchGAN
+            map ``(B, 1, H, W)`` or per-sample logits ``(B,)``.
+        real: ``True`` for logits of real samples (``relu(1 - x)``), ``False`` for fake ones
+            (``relu(1 + x)``). Must be a Python ``bool``.
+        weight: optional float tensor broadcastable to ``logits.shape``; the loss becomes
+            ``Σ w·l / Σ w`` over the broadcast shape. Gets no gradient.
+        impl: ``"auto"`` (default), ``"ref"`` or ``"triton"``; see the module docstring.
+
+    Returns:
+        the loss, fp32 (fp64 for fp64 logits). Its gradient w.r.t. ``logits`` has the logits' dtype.
+
+    Raises:
+        TypeError: non-tensor or non-float ``logits``/``weight``, ``real`` not a bool.
+        ValueError: empty ``logits``, ``weight`` not broadcastable to ``logits`` (both shapes named),
+            tensors on different devices, unknown ``impl``.
+        RuntimeError: ``impl="triton"`` where Triton cannot run.
+    """
+    _validate(logits, real, weight)
+    path = resolve_impl(impl, _OP, logits, fused=("triton",))
+    if path == "ref":
+        return patch_hinge_loss_ref(logits, real, weight)
+    if weight is not None:
+        weight = weight.detach()
+    loss, _ = torch.ops.scadfast.patch_hinge_fwd(logits, weight, real, path)
+    return loss
