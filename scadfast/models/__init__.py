@@ -12,7 +12,7 @@ _EXPORTS = {
     "FrozenCLIP": "clip", "register_tiny_config": "clip",
     "TextEmbeddingCache": "text_cache",
     "CLIPAidedGenerator": "generator",
-    "CLIPFeatureDiscriminator": "discriminator", "PixelPatchGAN": "discriminator",
+    "GALIPDiscriminator": "discriminator", "PixelPatchGAN": "discriminator",
     "GALIPFamily": "galip",
 }
 
