@@ -12,41 +12,43 @@ in place on ``u`` and ``v`` — the order and the ``F.normalize`` eps rule of
 
 Design
 ------
-The power iteration is memory bound: every half-step reads all of ``W`` once (2·n_iter reads of
-``W``) and does 2 flops per element; ``u``/``v`` are tiny. Eager PyTorch issues ~6 launches per
-iteration and per weight (``mv``, ``norm``, ``clamp``, ``div``, for each of the two halves) and a
-discriminator has tens of spectrally-normalised weights, so at GAN sizes the cost is launch latency,
-not bandwidth.
+The power iteration is memory bound (2 flops per element of ``W`` per half-step; ``u``/``v`` are
+tiny). Eager PyTorch issues ~8 launches per iteration and per weight (``mv``, ``norm``, ``clamp``,
+``div``, for each half) and a discriminator has tens of spectrally-normalised weights, so at GAN
+sizes launch latency dominates; for big weights, bandwidth does.
 
-* **One program per weight.** A single program walks ``W`` in ``BLOCK_R × BLOCK_C`` tiles: the
-  ``W v`` pass loops over row blocks (inner loop over column tiles, a 2-D fp32 accumulator reduced
-  once per row block), the ``Wᵀ u`` pass loops over column blocks (inner loop over row tiles). The raw
-  products go to a small fp32 workspace (R + C floats), their squared norm is accumulated in fp32
-  registers, and a short second sweep writes the normalised vector to ``u``/``v`` in the buffer's
-  dtype. The next half-step reads the *stored* (rounded) vector, as torch does. All ``n_iter``
-  iterations run inside the same program, so a weight costs exactly one launch, whatever
-  ``n_iter`` is (the 15 initial iterations included). ``tl.debug_barrier()`` orders the global
-  stores and loads between the phases (threads of the program read what other threads wrote).
-* **Grouped launch.** ``power_iteration_grouped`` updates many weights with one launch: a table of
-  int64 rows ``(W, u, v pointers, workspace offset, R, C, C2, strides)`` is read by program ``g``,
-  one program per weight, so the weights of a model run in parallel on different SMs. Weights of
-  one launch share a dtype (the launcher groups by dtype/device).
-* **Strided weights without copies.** The column index may be split as ``c = c1·C2 + c2`` with
-  independent strides, so the matrix ``weight.permute(dim, ...).flatten(1)`` of a contiguous
-  ``ConvTranspose`` weight (``dim=1``) is read in place; any 2-D strided view works as is.
-* **Accumulation** in fp32 for fp16/bf16/fp32 weights (fp64 is not handled here: the op layer
-  routes fp64 to the PyTorch path).
+One launch per iteration covers both half-steps, split over row blocks of ``W``:
 
-Trade-off: one program per weight keeps the launch count minimal and needs no grid-wide
-synchronisation (which the Triton interpreter could not emulate: it runs programs one after another),
-but a single program only gets one SM's share of bandwidth. For the weights of a GAN discriminator
-(≤ a few MB, resident in L2 after the first pass) launch latency dominates and this wins; for one
-very large weight (tens of MB) a split-row kernel with a deterministic cross-program reduction
-(last-arriving program finalises) would be faster. The grouped launch recovers parallelism across
-the weights of a model.
+* program ``p`` owns ``BLOCK_R`` rows. It computes ``t = W[rows, :] v`` (sweep over column tiles,
+  2-D fp32 accumulator reduced once), stores the raw ``t`` to an fp32 workspace and adds ``‖t‖²``
+  to a per-weight scalar; then it sweeps the *same* rows again (now L2-resident) and atomically adds
+  ``W[rows, :]ᵀ t`` into a per-weight fp32 vector ``s``. By linearity
+  ``s = Wᵀ (W v) = ‖W v‖ · Wᵀ u`` once every program is done — no grid-wide barrier needed.
+* the last program to finish (an atomic ticket per weight) finalises: ``d_u = max(‖t‖, eps)``,
+  ``u = t / d_u``, ``s' = s / d_u`` (= ``Wᵀ u``), ``v = s' / max(‖s'‖, eps)``, written in the
+  buffers' dtype.
+* **Grouped launch**: the programs of all weights of a model form one grid. A cached int32 table
+  maps program → (weight, first row), an int64 table holds each weight's pointers, shape, strides
+  and workspace offset; so ONE launch per iteration updates every SN weight of a discriminator.
+  Weights of one launch share a dtype (the launcher groups by dtype and device).
+* ``W`` is read through its two strides (any 2-D strided view, no copy); fp16/bf16/fp32 are
+  accumulated in fp32 (fp64 is routed to the PyTorch path by ``scadfast.ops``). The workspace is
+  one zero-filled fp32 buffer per call (a memset), holding ``t``, ``s``, ``‖t‖²`` and the ticket.
 
-Tile sizes are chosen by a heuristic from the matrix shape (no ``@triton.autotune``: the update is
-one launch per step, and autotune does not run under the interpreter).
+Trade-offs: ``W`` is read once from DRAM and once from L2 per iteration, with ``C·R/BLOCK_R``
+fp32 atomic adds on ``s`` (so ``v`` is not bit-reproducible run to run: the order of the atomic adds
+varies; differences are at the fp32 rounding level). The algebra differs from torch's in
+rounding only: ``Wᵀu`` is formed as ``Wᵀ(Wv)/‖Wv‖`` in fp32, so ``u`` is not rounded to the
+buffer dtype before it is used (slightly *more* accurate than torch's fp16/bf16 path). ``n_iter``
+iterations are ``n_iter`` launches (the default ``n_iter = 1`` is one launch; the 15 initial
+iterations happen once, at construction). A single-program-per-weight design (all iterations in
+one program) was measured first and rejected: one SM streams only ~50 GB/s, 3–10× slower than
+eager for 512 × 4608 weights.
+
+Tile sizes: ``BLOCK_R = 16`` rows per program (enough programs to fill the GPU for R ≥ 2k, and the
+atomics stay at 1/16 of the elements), ``BLOCK_C = 256``. No ``@triton.autotune``: it does not run
+under the interpreter, and the kernel is one launch per step. Under the interpreter (CPU tests)
+larger tiles are used, since it pays per tile.
 """
 
 from __future__ import annotations
@@ -55,174 +57,172 @@ import torch
 import triton
 import triton.language as tl
 
-_TL_TYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-SUPPORTED_DTYPES = tuple(_TL_TYPES)
-_META_COLS = 10  # w_ptr, u_ptr, v_ptr, ws_off, R, C, C2, s_r, s_c1, s_c2
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_META_COLS = 8  # w_ptr, u_ptr, v_ptr, ws_off, R, C, s_r, s_c
 
 
 @triton.jit
-def _power_iteration_body(
-    w_ptr, u_ptr, v_ptr, tu_ptr, tv_ptr,
-    R, C, C2, s_r, s_c1, s_c2, n_iter, eps,
+def _power_step(
+    w_ptr, u_ptr, v_ptr, ws_ptr, tick_ptr,
+    R, C, s_r, s_c, row0, n_blocks, eps,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    """One power iteration, the part of the row block starting at ``row0`` (see module docstring).
+
+    Workspace (fp32, zero-filled): ``[0, R)`` raw t = W v, ``[R, R + C)`` s = Wᵀ t, ``R + C`` ‖t‖².
+    ``tick_ptr``: int32 ticket counter of this weight (zero-filled).
+    """
     rr = tl.arange(0, BLOCK_R)
     cc = tl.arange(0, BLOCK_C)
-    for _it in range(n_iter):
-        # ---- u ← normalize(W v) -------------------------------------------------------------
-        ssq_u = tl.zeros([BLOCK_R], dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_R):
-            rows = r0 + rr
-            rmask = rows < R
-            row_off = rows.to(tl.int64) * s_r
-            acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-            for c0 in range(0, C, BLOCK_C):
-                cols = c0 + cc
-                cmask = cols < C
-                c1 = cols // C2
-                col_off = c1.to(tl.int64) * s_c1 + (cols - c1 * C2).to(tl.int64) * s_c2
-                w = tl.load(w_ptr + row_off[:, None] + col_off[None, :],
-                            mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-                vv = tl.load(v_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-                acc += w * vv[None, :]
-            t = tl.sum(acc, axis=1)
-            tl.store(tu_ptr + rows, t, mask=rmask)
-            ssq_u += t * t
-        denom_u = tl.maximum(tl.sqrt(tl.sum(ssq_u, axis=0)), eps)
-        tl.debug_barrier()
-        for r0 in range(0, R, BLOCK_R):
-            rows = r0 + rr
-            rmask = rows < R
-            t = tl.load(tu_ptr + rows, mask=rmask, other=0.0)
-            tl.store(u_ptr + rows, (t / denom_u).to(u_ptr.dtype.element_ty), mask=rmask)
-        tl.debug_barrier()
-        # ---- v ← normalize(Wᵀ u) ------------------------------------------------------------
-        ssq_v = tl.zeros([BLOCK_C], dtype=tl.float32)
+    rows = row0 + rr
+    rmask = rows < R
+    row_off = rows.to(tl.int64) * s_r
+    # ---- t = W[rows, :] v ---------------------------------------------------------------------
+    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + cc
+        cmask = cols < C
+        w = tl.load(w_ptr + row_off[:, None] + cols.to(tl.int64)[None, :] * s_c,
+                    mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        vv = tl.load(v_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        acc += w * vv[None, :]
+    t = tl.sum(acc, axis=1)
+    tl.store(ws_ptr + rows, t, mask=rmask)
+    tl.atomic_add(ws_ptr + R + C, tl.sum(t * t, axis=0))
+    # ---- s += W[rows, :]ᵀ t -------------------------------------------------------------------
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + cc
+        cmask = cols < C
+        w = tl.load(w_ptr + row_off[:, None] + cols.to(tl.int64)[None, :] * s_c,
+                    mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        tl.atomic_add(ws_ptr + R + cols, tl.sum(w * t[:, None], axis=0), mask=cmask)
+    # ---- the last program of this weight finalises ---------------------------------------------
+    tl.debug_barrier()  # every thread's adds are issued before the ticket is taken
+    ticket = tl.atomic_add(tick_ptr, 1)  # acq_rel, gpu scope
+    if ticket == n_blocks - 1:
+        ssq_t = tl.atomic_add(ws_ptr + R + C, 0.0)  # read through L2
+        denom_u = tl.maximum(tl.sqrt(ssq_t), eps)
+        for r0 in range(0, R, BLOCK_C):
+            r = r0 + cc
+            m = r < R
+            x = tl.load(ws_ptr + r, mask=m, other=0.0, cache_modifier=".cg")
+            tl.store(u_ptr + r, (x / denom_u).to(u_ptr.dtype.element_ty), mask=m)
+        ssq_s = tl.zeros([BLOCK_C], dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + cc
-            cmask = cols < C
-            c1 = cols // C2
-            col_off = c1.to(tl.int64) * s_c1 + (cols - c1 * C2).to(tl.int64) * s_c2
-            acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-            for r0 in range(0, R, BLOCK_R):
-                rows = r0 + rr
-                rmask = rows < R
-                w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * s_r + col_off[None, :],
-                            mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-                uu = tl.load(u_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-                acc += w * uu[:, None]
-            t = tl.sum(acc, axis=0)
-            tl.store(tv_ptr + cols, t, mask=cmask)
-            ssq_v += t * t
-        denom_v = tl.maximum(tl.sqrt(tl.sum(ssq_v, axis=0)), eps)
-        tl.debug_barrier()
+            m = cols < C
+            x = tl.load(ws_ptr + R + cols, mask=m, other=0.0, cache_modifier=".cg") / denom_u
+            ssq_s += x * x
+        denom_v = tl.maximum(tl.sqrt(tl.sum(ssq_s, axis=0)), eps)
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + cc
-            cmask = cols < C
-            t = tl.load(tv_ptr + cols, mask=cmask, other=0.0)
-            tl.store(v_ptr + cols, (t / denom_v).to(v_ptr.dtype.element_ty), mask=cmask)
-        tl.debug_barrier()
+            m = cols < C
+            x = tl.load(ws_ptr + R + cols, mask=m, other=0.0, cache_modifier=".cg") / denom_u
+            tl.store(v_ptr + cols, (x / denom_v).to(v_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _power_iteration_kernel(
-    w_ptr, u_ptr, v_ptr, ws_ptr,
-    R, C, C2, s_r, s_c1, s_c2, n_iter, eps,
+def _power_step_kernel(
+    w_ptr, u_ptr, v_ptr, ws_ptr, tick_ptr, R, C, s_r, s_c, eps,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    _power_iteration_body(w_ptr, u_ptr, v_ptr, ws_ptr, ws_ptr + R,
-                          R, C, C2, s_r, s_c1, s_c2, n_iter, eps, BLOCK_R, BLOCK_C)
+    pid = tl.program_id(0)
+    _power_step(w_ptr, u_ptr, v_ptr, ws_ptr, tick_ptr, R, C, s_r, s_c, pid * BLOCK_R,
+                tl.num_programs(0), eps, BLOCK_R, BLOCK_C)
 
 
 @triton.jit
-def _power_iteration_grouped_kernel(
-    meta_ptr, w0_ptr, u0_ptr, ws_ptr, n_iter, eps,
+def _power_step_grouped_kernel(
+    meta_ptr, prog_ptr, w0_ptr, u0_ptr, ws_ptr, tick_ptr, eps,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, META_COLS: tl.constexpr,
 ):
-    # w0_ptr / u0_ptr are the first weight / vector of the group: they only carry the pointer
-    # element types (all entries of one launch share them).
-    g = tl.program_id(0)
+    # w0_ptr / u0_ptr: the group's first weight / vector; they only carry the element types.
+    pid = tl.program_id(0)
+    g = tl.load(prog_ptr + 3 * pid)
+    row0 = tl.load(prog_ptr + 3 * pid + 1)
+    n_blocks = tl.load(prog_ptr + 3 * pid + 2)
     row = meta_ptr + g * META_COLS
     w_ptr = tl.load(row + 0).to(w0_ptr.dtype, bitcast=True)
     u_ptr = tl.load(row + 1).to(u0_ptr.dtype, bitcast=True)
     v_ptr = tl.load(row + 2).to(u0_ptr.dtype, bitcast=True)
     ws_off = tl.load(row + 3)
-    R = tl.load(row + 4)
-    C = tl.load(row + 5)
-    C2 = tl.load(row + 6)
-    s_r = tl.load(row + 7)
-    s_c1 = tl.load(row + 8)
-    s_c2 = tl.load(row + 9)
-    tu_ptr = ws_ptr + ws_off
-    _power_iteration_body(w_ptr, u_ptr, v_ptr, tu_ptr, tu_ptr + R,
-                          R, C, C2, s_r, s_c1, s_c2, n_iter, eps, BLOCK_R, BLOCK_C)
+    R = tl.load(row + 4).to(tl.int32)
+    C = tl.load(row + 5).to(tl.int32)
+    s_r = tl.load(row + 6)
+    s_c = tl.load(row + 7)
+    _power_step(w_ptr, u_ptr, v_ptr, ws_ptr + ws_off, tick_ptr + g, R, C, s_r, s_c, row0,
+                n_blocks, eps, BLOCK_R, BLOCK_C)
 
 
 # ---------------------------------------------------------------------------------------------
-# Launchers. Inputs are validated by scadfast.ops.spectral_norm; these only check what the kernel
-# itself relies on.
+# Launchers. Inputs are validated by scadfast.ops.spectral_norm; these only rely on: 2-D ``w``
+# of a supported dtype, contiguous 1-D ``u`` (R,) and ``v`` (C,) of ``w``'s dtype, same device.
 
 
-def _blocks(R: int, C: int, interpret: bool) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_C, num_warps) for an R × C matrix."""
-    if interpret:  # the interpreter pays per tile: use big tiles
-        return min(64, triton.next_power_of_2(max(R, 1))), min(512, triton.next_power_of_2(max(C, 1))), 4
-    block_c = min(256, max(16, triton.next_power_of_2(C)))
-    block_r = min(32, max(16, triton.next_power_of_2(R)))
-    num_warps = 8 if R * C >= (1 << 16) else 4
-    return block_r, block_c, num_warps
+def _blocks(t: torch.Tensor) -> tuple[int, int]:
+    if t.device.type == "cpu":  # the Triton interpreter pays per tile: big tiles
+        return 64, 512
+    return 16, 256
 
 
-def _interpret(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu"
-
-
-def power_iteration(w_view, u: torch.Tensor, v: torch.Tensor, n_iter: int, eps: float) -> None:
-    """In-place power iteration on one weight, one launch.
-
-    ``w_view`` is ``(w, R, C, C2, s_r, s_c1, s_c2)``: the storage tensor and the strided description
-    of the matrix (element ``(r, c)`` at ``r·s_r + (c // C2)·s_c1 + (c % C2)·s_c2`` from ``w``'s
-    data pointer). ``u`` (R,) and ``v`` (C,) are contiguous and of ``w``'s dtype.
-    """
-    w, R, C, C2, s_r, s_c1, s_c2 = w_view
+def power_iteration(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n_iter: int, eps: float) -> None:
+    """In-place power iteration on one weight: one launch per iteration (plus one memset)."""
     if n_iter <= 0:
         return
-    ws = torch.empty(R + C, device=w.device, dtype=torch.float32)
-    block_r, block_c, num_warps = _blocks(R, C, _interpret(w))
-    _power_iteration_kernel[(1,)](
-        w, u, v, ws, R, C, C2, s_r, s_c1, s_c2, n_iter, float(eps),
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
-    )
+    R, C = w.shape
+    block_r, block_c = _blocks(w)
+    n_blocks = max(triton.cdiv(R, block_r), 1)
+    width = R + C + 2  # t, s, ‖t‖², ticket (as int32 bits)
+    ws = torch.zeros(n_iter, width, device=w.device, dtype=torch.float32)
+    for i in range(n_iter):
+        wsi = ws[i]
+        _power_step_kernel[(n_blocks,)](
+            w, u, v, wsi, wsi[R + C + 1:].view(torch.int32), R, C, w.stride(0), w.stride(1), float(eps),
+            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+        )
 
 
-_META_CACHE: dict = {}
-_META_CACHE_MAX = 64
+_TABLE_CACHE: dict = {}
+_TABLE_CACHE_MAX = 64
 
 
-def power_iteration_grouped(w_views, us, vs, n_iter: int, eps: float) -> None:
-    """In-place power iteration on several weights of ONE dtype and device, one launch for all.
+def _tables(ws, us, vs, block_r):
+    """(meta int64 [G, 8], programs int32 [P, 3], workspace size) for a group, cached by pointers,
+    shapes and strides (so steady-state training uploads nothing)."""
+    key = (ws[0].device, block_r) + tuple(
+        (w.data_ptr(), u.data_ptr(), v.data_ptr(), *w.shape, *w.stride()) for w, u, v in zip(ws, us, vs))
+    hit = _TABLE_CACHE.get(key)
+    if hit is not None:
+        return hit
+    meta, progs, off = [], [], 0
+    for g, (w, u, v) in enumerate(zip(ws, us, vs)):
+        R, C = w.shape
+        meta.append([w.data_ptr(), u.data_ptr(), v.data_ptr(), off, R, C, w.stride(0), w.stride(1)])
+        n_blocks = max(triton.cdiv(R, block_r), 1)
+        progs.extend([g, b * block_r, n_blocks] for b in range(n_blocks))
+        off += R + C + 1
+    dev = ws[0].device
+    out = (torch.tensor(meta, dtype=torch.int64).to(dev), torch.tensor(progs, dtype=torch.int32).to(dev),
+           len(progs), off)
+    if len(_TABLE_CACHE) >= _TABLE_CACHE_MAX:
+        _TABLE_CACHE.pop(next(iter(_TABLE_CACHE)))
+    _TABLE_CACHE[key] = out
+    return out
 
-    ``w_views`` as in :func:`power_iteration`. The int64 table of pointers and shapes is cached by
-    (pointers, shapes, strides), so steady-state training does not re-upload it.
-    """
-    if n_iter <= 0 or len(w_views) == 0:
+
+def power_iteration_grouped(ws, us, vs, n_iter: int, eps: float) -> None:
+    """In-place power iteration on several weights of ONE dtype and device: one launch per
+    iteration for all of them (plus one memset)."""
+    if n_iter <= 0 or len(ws) == 0:
         return
-    w0 = w_views[0][0]
-    rows, key, ws_total, max_r, max_c = [], [], 0, 1, 1
-    for (w, R, C, C2, s_r, s_c1, s_c2), u, v in zip(w_views, us, vs):
-        rows.append([w.data_ptr(), u.data_ptr(), v.data_ptr(), ws_total, R, C, C2, s_r, s_c1, s_c2])
-        ws_total += R + C
-        max_r, max_c = max(max_r, R), max(max_c, C)
-    key = (w0.device, tuple(tuple(r) for r in rows))
-    meta = _META_CACHE.get(key)
-    if meta is None:
-        meta = torch.tensor(rows, dtype=torch.int64).to(w0.device)
-        if len(_META_CACHE) >= _META_CACHE_MAX:
-            _META_CACHE.pop(next(iter(_META_CACHE)))
-        _META_CACHE[key] = meta
-    ws = torch.empty(ws_total, device=w0.device, dtype=torch.float32)
-    block_r, block_c, num_warps = _blocks(max_r, max_c, _interpret(w0))
-    _power_iteration_grouped_kernel[(len(rows),)](
-        meta, w0, us[0], ws, n_iter, float(eps),
-        BLOCK_R=block_r, BLOCK_C=block_c, META_COLS=_META_COLS, num_warps=num_warps,
-    )
+    block_r, block_c = _blocks(ws[0])
+    meta, progs, n_progs, ws_size = _tables(ws, us, vs, block_r)
+    G = len(ws)
+    width = ws_size + G  # fp32 workspaces, then one int32 ticket per weight
+    work = torch.zeros(n_iter, width, device=ws[0].device, dtype=torch.float32)
+    for i in range(n_iter):
+        wi = work[i]
+        _power_step_grouped_kernel[(n_progs,)](
+            meta, progs, ws[0], us[0], wi, wi[ws_size:].view(torch.int32), float(eps),
+            BLOCK_R=block_r, BLOCK_C=block_c, META_COLS=_META_COLS, num_warps=4,
+        )

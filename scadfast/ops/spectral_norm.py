@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._impl import check_impl, check_same_device, check_tensor, resolve_impl, triton_runs_on
+from ._impl import check_impl, check_same_device, check_tensor, resolve_impl, triton_runs_on, warn_once
 
 __all__ = [
     "spectral_norm", "spectral_norm_all", "power_iteration_", "power_iteration_grouped_", "SpectralNorm",
@@ -136,38 +136,6 @@ def _cpu_power_method(w_mat: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n_i
         v32 = v.float()
 
 
-def _strided_description(weight: torch.Tensor, dim: int):
-    """The matrix ``_reshape_to_matrix(weight, dim)`` as ``(storage, R, C, C2, s_r, s_c1, s_c2)``.
-
-    Element ``(r, c)`` lives at ``r·s_r + (c // C2)·s_c1 + (c % C2)·s_c2`` from ``storage``'s data
-    pointer. The non-leading dims are merged into at most two strided groups, which covers every
-    contiguous conv / linear / conv-transpose layout and any 2-D view without a copy; other layouts
-    are copied once to a contiguous matrix.
-    """
-    R = weight.shape[dim]
-    s_r = weight.stride(dim)
-    groups: list[list[int]] = []  # [size, stride]
-    for d in range(weight.dim()):
-        if d == dim or weight.shape[d] == 1:
-            continue
-        size, stride = weight.shape[d], weight.stride(d)
-        if groups and groups[-1][1] == stride * size:
-            groups[-1] = [groups[-1][0] * size, stride]
-        else:
-            groups.append([size, stride])
-    C = 1
-    for size, _ in groups:
-        C *= size
-    if len(groups) == 0:
-        return weight, R, C, max(C, 1), s_r, 0, 1
-    if len(groups) == 1:
-        return weight, R, C, C, s_r, 0, groups[0][1]
-    if len(groups) == 2:
-        return weight, R, C, groups[1][0], s_r, groups[0][1], groups[1][1]
-    mat = _reshape_to_matrix(weight, dim).contiguous()
-    return mat, R, C, C, mat.stride(0), 0, 1
-
-
 def _kernels():
     from scadfast.kernels import spectral_norm as kernels  # imported lazily: needs triton
 
@@ -195,11 +163,13 @@ def _triton_grouped(weights, dims, us, vs, n_iter, eps) -> None:
     for i, w in enumerate(weights):
         groups.setdefault((w.device, w.dtype), []).append(i)
     for idx in groups.values():
-        views = [_strided_description(weights[i], dims[i]) for i in idx]
+        # A strided view whenever flatten can give one (contiguous conv / linear weights, any 2-D
+        # view); otherwise (e.g. a ConvTranspose weight with dim=1) flatten copies once.
+        mats = [_reshape_to_matrix(weights[i], dims[i]) for i in idx]
         if len(idx) == 1:
-            kernels.power_iteration(views[0], cu[idx[0]], cv[idx[0]], n_iter, eps)
+            kernels.power_iteration(mats[0], cu[idx[0]], cv[idx[0]], n_iter, eps)
         else:
-            kernels.power_iteration_grouped(views, [cu[i] for i in idx], [cv[i] for i in idx], n_iter, eps)
+            kernels.power_iteration_grouped(mats, [cu[i] for i in idx], [cv[i] for i in idx], n_iter, eps)
     for dst, src in back_u + back_v:
         dst.copy_(src)
 
@@ -351,13 +321,24 @@ class SpectralNorm(nn.Module):
             v = weight_mat.new_empty(w).normal_(0, 1)
             self.register_buffer("_u", F.normalize(u, dim=0, eps=self.eps))
             self.register_buffer("_v", F.normalize(v, dim=0, eps=self.eps))
-            # A module is usually built on the CPU and moved to the GPU later: if the requested
-            # backend cannot run where the weight is now, initialise with the automatic choice.
-            init_impl = impl
-            if impl == "triton" and not triton_runs_on(weight):
-                init_impl = "auto"
             with torch.no_grad():
-                _run(op, [weight_mat.detach()], [0], [self._u], [self._v], _INIT_ITERATIONS, self.eps, init_impl)
+                _run(op, [weight_mat.detach()], [0], [self._u], [self._v], _INIT_ITERATIONS, self.eps,
+                     self._impl_for(weight))
+
+    def _impl_for(self, weight: torch.Tensor) -> str:
+        """The impl to use for ``weight`` where it is now.
+
+        A model is usually built on the CPU and moved to the GPU afterwards, and
+        ``register_parametrization`` already evaluates the parametrization once: so a parametrization
+        created with ``impl="triton"`` uses the automatic choice (with a one-time warning) while its
+        weight is on a device the kernel cannot run on. The functional ops raise instead.
+        """
+        if self.impl == "triton" and not triton_runs_on(weight):
+            warn_once("spectral_norm.triton_fallback",
+                      f"spectral_norm: impl='triton' cannot run on a {weight.device.type} weight here; "
+                      "using impl='auto' until the module is moved to a CUDA device")
+            return "auto"
+        return self.impl
 
     def _reshape_weight_to_matrix(self, weight: torch.Tensor) -> torch.Tensor:
         return _reshape_to_matrix(weight, self.dim)
@@ -369,7 +350,7 @@ class SpectralNorm(nn.Module):
         if self.training and not self.external_update:
             with torch.no_grad():
                 _run("spectral_norm", [weight_mat.detach()], [0], [self._u], [self._v],
-                     self.n_power_iterations, self.eps, self.impl)
+                     self.n_power_iterations, self.eps, self._impl_for(weight))
         # Clones: the buffers change in place at the next forward, while autograd may still need
         # the values of this one (D(real) and D(fake) in one graph). σ = uᵀWv stays differentiable
         # in W (and twice differentiable) because it is plain torch.
@@ -434,7 +415,7 @@ def _grouped_pre_hook(module: nn.Module, args) -> None:
         if not parametrize.is_parametrized(m, name):
             continue
         weight = m.parametrizations[name].original
-        batches.setdefault((sn.n_power_iterations, sn.eps, sn.impl), []).append((weight, sn))
+        batches.setdefault((sn.n_power_iterations, sn.eps, sn._impl_for(weight)), []).append((weight, sn))
     if not batches:
         return
     with torch.no_grad():
