@@ -45,7 +45,9 @@ cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
 cu_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
 ext_modules = []
 if cpp_sources:
-    cxx_flags = ["-O3", "-std=c++17"]
+    # No -std flag: torch.utils.cpp_extension adds the standard its own headers need (C++17 for
+    # older torch, C++20 for recent releases); a hard-coded one breaks the build with the other.
+    cxx_flags = ["-O3"]
     if cuda_home and cu_sources:
         import torch
 
@@ -56,7 +58,7 @@ if cpp_sources:
                 "scadfast._C",
                 cpp_sources + cu_sources,
                 define_macros=[("SCADFAST_WITH_CUDA", "1")],
-                extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
+                extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]},
             )
         )
     else:

@@ -1,0 +1,101 @@
+"""The C++/CUDA extension scadfast._C: built, importable, and the fallback when it is missing."""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+
+import pytest
+import torch
+
+from scadfast.ops import _impl, cond_aug, cond_aug_ref
+
+
+def test_extension_is_importable_with_a_cpu_kernel():
+    ext = _impl.extension()
+    assert ext is not None, f"scadfast._C did not import: {_impl.extension_error()}"
+    assert _impl.extension_error() is None
+    assert _impl.extension_available()
+    a = torch.tensor([[0.5, -1.0, 2.0, 0.0]])  # relu, E=2: mu=(0.5, 0), logvar=(2, 0)
+    eps = torch.tensor([[1.0, -2.0]])
+    c_hat, mu, logvar, kl = ext.cond_aug_forward(a, eps, False)
+    torch.testing.assert_close(mu, torch.tensor([[0.5, 0.0]]))
+    torch.testing.assert_close(logvar, torch.tensor([[2.0, 0.0]]))
+    e = torch.e
+    torch.testing.assert_close(c_hat, torch.tensor([[0.5 + e, -2.0]]))
+    expected_kl = -0.5 * ((1 + 2 - 0.25 - e**2) + (1 + 0 - 0 - 1)) / 2
+    torch.testing.assert_close(kl, torch.tensor(expected_kl))
+
+
+def test_has_cuda_answers():
+    ext = _impl.extension()
+    assert ext is not None, _impl.extension_error()
+    answer = ext.has_cuda()
+    assert isinstance(answer, bool)
+    assert _impl.extension_available(cuda=True) is answer
+    if not answer:  # a CPU-only build refuses CUDA tensors with a clear message (checked before any CUDA call)
+        if torch.cuda.is_available():
+            with pytest.raises(RuntimeError, match="built without CUDA kernels"):
+                ext.cond_aug_forward(torch.zeros(1, 4, device="cuda"), torch.zeros(1, 2, device="cuda"), False)
+
+
+def test_ops_are_registered():
+    assert hasattr(torch.ops.scadfast, "cond_aug")
+    assert hasattr(torch.ops.scadfast, "cond_aug_backward")
+
+
+@pytest.fixture
+def no_extension(monkeypatch):
+    """Pretend scadfast._C failed to import (and reset the warn-once registry)."""
+    monkeypatch.setattr(_impl, "_load_extension", lambda: (None, "ImportError: simulated missing extension"))
+    monkeypatch.setattr(_impl, "_warned", set())
+    assert _impl.extension() is None
+
+
+def _args():
+    s = torch.randn(4, 6)
+    w = torch.randn(12, 6)
+    b = torch.randn(12)
+    eps = torch.randn(4, 3)
+    return s, w, b, eps
+
+
+def test_missing_extension_auto_warns_once_and_matches_reference(no_extension):
+    s, w, b, eps = _args()
+    with pytest.warns(RuntimeWarning, match="simulated missing extension") as record:
+        out = cond_aug(s, w, b, eps)
+    assert len([r for r in record if issubclass(r.category, RuntimeWarning)]) == 1
+    for o, r in zip(out, cond_aug_ref(s, w, b, eps)):
+        assert torch.equal(o, r)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second call must not warn again
+        out2 = cond_aug(s, w, b, eps, mode="glu")
+    assert torch.equal(out2[0], out[0])
+    # Gradients flow through the reference path.
+    s.requires_grad_(True)
+    cond_aug(s, w, b, eps)[0].sum().backward()
+    assert s.grad is not None and torch.isfinite(s.grad).all()
+
+
+def test_missing_extension_explicit_cuda_raises(no_extension):
+    s, w, b, eps = _args()
+    with pytest.raises(RuntimeError, match=r"impl='cuda' needs the compiled extension scadfast._C.*simulated"):
+        cond_aug(s, w, b, eps, impl="cuda")
+    # The raw op says the same instead of failing obscurely.
+    with pytest.raises(RuntimeError, match="needs the compiled extension scadfast._C"):
+        torch.ops.scadfast.cond_aug(torch.randn(4, 12), eps, "glu")
+
+
+def test_explicit_cuda_impl_on_cpu_runs_the_extension(monkeypatch):
+    s, w, b, eps = _args()
+    expected = cond_aug_ref(s, w, b, eps)
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("the reference ran instead of the extension")
+
+    # (scadfast.ops.cond_aug the attribute is the function; the module is in sys.modules)
+    mod = importlib.import_module("scadfast.ops.cond_aug")
+    monkeypatch.setattr(mod, "cond_aug_ref", no_reference)
+    for impl in ("cuda", "auto"):
+        for o, r in zip(cond_aug(s, w, b, eps, impl=impl), expected):
+            torch.testing.assert_close(o, r)
