@@ -154,6 +154,7 @@ def _san_loss_fwd_kernel(hr_ptr, wr_ptr, hf_ptr, wf_ptr, fw_ptr, stats_r_ptr, st
                          BLOCK_P: tl.constexpr, ACC: tl.constexpr):
     pid = tl.program_id(0)
     lanes = tl.arange(0, BLOCK_B)
+    zero = tl.sum(tl.zeros([BLOCK_B], ACC), axis=0)
     # partials are laid out (3, n_prog): [real sum, weighted fake sum, weight sum]
     if pid < n_blocks_r:
         rows = pid * BLOCK_B + lanes
@@ -164,8 +165,8 @@ def _san_loss_fwd_kernel(hr_ptr, wr_ptr, hf_ptr, wf_ptr, fw_ptr, stats_r_ptr, st
         # relu(1 − f_fun) − f_dir  (both equal s in value)
         term = tl.where(m, tl.maximum(1.0 - s, 0.0) - s, 0.0)
         tl.store(part_ptr + pid, tl.sum(term, axis=0))
-        tl.store(part_ptr + n_prog + pid, tl.sum(tl.zeros([BLOCK_B], ACC), axis=0))
-        tl.store(part_ptr + 2 * n_prog + pid, tl.sum(tl.zeros([BLOCK_B], ACC), axis=0))
+        tl.store(part_ptr + n_prog + pid, zero)
+        tl.store(part_ptr + 2 * n_prog + pid, zero)
     else:
         rows = (pid - n_blocks_r) * BLOCK_B + lanes
         s, n2 = _row_stats(hf_ptr, wf_ptr, rows, Bf, D, s_hfb, s_hfd, s_wfb, s_wfd, BLOCK_B, BLOCK_D, ACC)
@@ -178,7 +179,7 @@ def _san_loss_fwd_kernel(hr_ptr, wr_ptr, hf_ptr, wf_ptr, fw_ptr, stats_r_ptr, st
             wt = tl.where(m, 1.0, 0.0).to(ACC)
         # w · (relu(1 + f_fun) + f_dir)
         term = tl.where(m, wt * (tl.maximum(1.0 + s, 0.0) + s), 0.0)
-        tl.store(part_ptr + pid, tl.sum(tl.zeros([BLOCK_B], ACC), axis=0))
+        tl.store(part_ptr + pid, zero)
         tl.store(part_ptr + n_prog + pid, tl.sum(term, axis=0))
         tl.store(part_ptr + 2 * n_prog + pid, tl.sum(wt, axis=0))
 
@@ -344,6 +345,8 @@ def san_d_loss_fwd(h_real, omega_real, h_fake, omega_fake, fake_weight=None,
     stats_f = torch.empty((2, Bf), dtype=acc, device=dev)
     wsum = torch.empty((1,), dtype=acc, device=dev)
     partials = torch.empty((3, n_prog), dtype=acc, device=dev)
+    # a fresh arrival counter per call (one tiny memset): a cached, self-resetting counter would
+    # race between streams and break CUDA-graph capture
     counter = torch.zeros((1,), dtype=torch.int32, device=dev)
     has_w = fake_weight is not None
     fw = fake_weight if has_w else wsum  # dummy pointer, never read
