@@ -154,10 +154,9 @@ def test_gradients_reach_every_expected_param(clip, text, cond_aug, use_uncond):
         assert p.grad is None and not p.requires_grad
 
 
-@pytest.mark.parametrize("ca_mode", ["glu", "relu"])
-def test_auto_and_ref_agree(clip, text, ca_mode):
-    pair = build_ms_clip_gan(tiny_cfg(ca_mode=ca_mode, label_smoothing=0.1), clip)
-    real, s, z = batch(text, B=4)  # B=4 has a duplicate caption → masked mismatch pair
+def assert_auto_matches_ref(pair, real, s, z, rtol=1e-5, atol=1e-5, grad_rtol=1e-4, grad_atol=1e-6):
+    """Run d_loss and g_loss (+ backward) with impl="auto" and impl="ref" from the same model state and
+    RNG state; losses, stats and every gradient must agree."""
     state = {k: v.clone() for k, v in pair.state_dict().items()}
     out = {}
     for impl in ("auto", "ref"):
@@ -172,18 +171,47 @@ def test_auto_and_ref_agree(clip, text, ca_mode):
         lg.backward()
         out[impl] = (ld.detach(), sd, gd, lg.detach(), sg, grads(pair.G))
     a, r = out["auto"], out["ref"]
-    torch.testing.assert_close(a[0], r[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(a[3], r[3], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a[0], r[0], rtol=rtol, atol=atol)
+    torch.testing.assert_close(a[3], r[3], rtol=rtol, atol=atol)
     for k in r[1]:
-        torch.testing.assert_close(a[1][k], r[1][k], rtol=1e-5, atol=1e-5, msg=k)
+        torch.testing.assert_close(a[1][k], r[1][k], rtol=rtol, atol=atol, msg=k)
     for k in r[4]:
-        torch.testing.assert_close(a[4][k], r[4][k], rtol=1e-5, atol=1e-5, msg=k)
+        torch.testing.assert_close(a[4][k], r[4][k], rtol=rtol, atol=atol, msg=k)
     for ga, gr in ((a[2], r[2]), (a[5], r[5])):
         assert ga.keys() == gr.keys()
         for n in gr:
             assert (ga[n] is None) == (gr[n] is None), n
             if gr[n] is not None:
-                torch.testing.assert_close(ga[n], gr[n], rtol=1e-4, atol=1e-6, msg=n)
+                torch.testing.assert_close(ga[n], gr[n], rtol=grad_rtol, atol=grad_atol, msg=n)
+
+
+@pytest.mark.parametrize("ca_mode", ["glu", "relu"])
+def test_auto_and_ref_agree(clip, text, ca_mode):
+    pair = build_ms_clip_gan(tiny_cfg(ca_mode=ca_mode, label_smoothing=0.1), clip)
+    real, s, z = batch(text, B=4)  # B=4 has a duplicate caption → masked mismatch pair
+    assert_auto_matches_ref(pair, real, s, z)
+
+
+@pytest.mark.gpu
+def test_cuda_auto_matches_ref_and_runs_under_bf16_autocast(text):
+    dev = torch.device("cuda")
+    torch.manual_seed(1234)
+    clip_cuda = FrozenCLIP("scadfast-tiny", pretrained=None, device=dev)
+    pair = build_ms_clip_gan(tiny_cfg(ca_mode="glu", label_smoothing=0.1), clip_cuda).to(dev)
+    real, s, z = (t.to(dev) for t in batch(text, B=4))
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    assert_auto_matches_ref(pair, real, s, z, rtol=1e-4, atol=1e-5, grad_rtol=1e-3, grad_atol=1e-5)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ld, sd = pair.d_loss(real, s, z)
+    ld.backward()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        lg, sg = pair.g_loss(s, z)
+    lg.backward()
+    assert ld.dtype == lg.dtype == torch.float32
+    assert torch.isfinite(ld) and torch.isfinite(lg)
+    for n, p in list(pair.G.named_parameters()) + list(pair.D.named_parameters()):
+        assert p.grad is None or torch.isfinite(p.grad).all(), n
 
 
 @pytest.mark.parametrize("ca_mode", ["relu", "glu"])
