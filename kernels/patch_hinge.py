@@ -4,7 +4,7 @@ With ``s = -1`` for real logits and ``s = +1`` for fake ones, ``l = relu(1 + s·
 weight ``w`` broadcast to ``x``'s shape (``w ≡ 1`` without one)::
 
     loss  = Σ w·l / Σ w                              (Σ w = N, the element count, without a weight)
-    ∂x    = g · s · [1 + s·x > 0] · w / Σ w          (g = the incoming gradient of the scalar loss)
+    ∂x    = g · s · [not 1 + s·x <= 0] · w / Σ w     (g = the incoming gradient of the scalar loss)
 
 Forward: one pass over the data, deterministic (no atomics)
     ``_hinge_fwd_kernel`` runs P programs. Each walks the flat element range grid-stride in
@@ -31,8 +31,8 @@ element count or the largest offset reaches 2³¹.
 
 Precision: values are loaded in their storage dtype and converted to the accumulation dtype (fp32,
 fp64 for fp64 x) before any arithmetic; the loss and ``Σ w`` are returned in that dtype. NaN logits
-give a NaN loss (``maximum`` propagates NaN, as ``torch.relu`` does) and a zero gradient there (as
-autograd through ``relu`` does).
+give a NaN loss (``maximum`` propagates NaN, as ``torch.relu`` does) and, like autograd through
+``relu`` (whose backward zeroes only where the output is ``<= 0``), pass the gradient on there.
 
 These launchers take tensors that the op layer (``scadfast/ops/patch_hinge.py``) has validated.
 """
@@ -163,8 +163,10 @@ def _hinge_bwd_kernel(
         gl = coef * w
     else:
         gl = coef + tl.zeros([BLOCK], acc_t)
-    active = (1.0 + SIGN * x) > 0.0
-    gx = tl.where(active, gl * SIGN, 0.0)
+    # Written as "not (… <= 0)" so that a NaN logit passes the gradient on, as autograd's
+    # threshold_backward through relu does.
+    inactive = (1.0 + SIGN * x) <= 0.0
+    gx = tl.where(inactive, 0.0, gl * SIGN)
     tl.store(gx_ptr + idx, gx.to(gx_ptr.dtype.element_ty), mask=mask)
 
 

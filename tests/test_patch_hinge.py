@@ -195,12 +195,18 @@ def test_weight_gets_no_gradient(impl):
     assert x.grad is not None and w.grad is None
 
 
-@pytest.mark.parametrize("impl", ["ref", "auto", pytest.param("triton", marks=needs_triton)])
-def test_nan_propagates(impl):
+@pytest.mark.parametrize("impl", ["auto", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("real", [True, False])
+def test_nan_like_reference(impl, real):
+    """NaN logits: NaN loss, and the gradient at the NaN passes through exactly as autograd's relu does."""
     x = _logits((2, 1, 5, 5))
     x[1, 0, 2, 3] = float("nan")
-    assert torch.isnan(patch_hinge_loss(x, True, impl=impl))
-    assert torch.isnan(patch_hinge_loss(x, False, _weight("full", x.shape), impl=impl))
+    for w in (None, _weight("full", x.shape)):
+        ref_loss, ref_g = _run(patch_hinge_loss_ref, x, real, w)
+        loss, g = _run(lambda a, r, ww: patch_hinge_loss(a, r, ww, impl=impl), x, real, w)
+        assert torch.isnan(loss) and torch.isnan(ref_loss)
+        torch.testing.assert_close(g, ref_g, rtol=1e-6, atol=0, equal_nan=True)
+        assert g[1, 0, 2, 3] != 0
 
 
 def test_custom_ops_opcheck():
