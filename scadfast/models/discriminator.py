@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import spectral_norm
+from ..ops import spectral_norm, spectral_norm_all
 
 
 def _sn(module: nn.Module, enabled: bool, impl: str) -> nn.Module:
@@ -195,9 +195,9 @@ class PixelPatchGAN(nn.Module):
         chans = [3, ndf, 2 * ndf, 4 * ndf, 8 * ndf]
         layers = []
         for i in range(4):
-            stride = 2 if i < 3 else 1
-            layers += [spectral_norm(nn.Conv2d(chans[i], chans[i + 1], 4, stride, 1), impl=sn_impl), nn.LeakyReLU(0.2)]
-        self.body = nn.Sequential(*layers)
+            layers += [nn.Conv2d(chans[i], chans[i + 1], 4, 2 if i < 3 else 1, 1), nn.LeakyReLU(0.2)]
+        # One grouped power-iteration update for the body's four weights per forward.
+        self.body = spectral_norm_all(nn.Sequential(*layers), impl=sn_impl, grouped=True)
         self.proj = PatchProjection(8 * ndf, 4, 1, loss, sn=True, sn_impl=sn_impl)
 
     @staticmethod

@@ -30,11 +30,14 @@ step. The real CLIP features are computed without grad; only on penalty steps ar
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import patch_hinge_loss, san_d_loss, san_logits
+from ..ops.spectral_norm import SpectralNorm
 from .discriminator import GALIPDiscriminator, mi_loss
 from .generator import CLIPAidedGenerator, SharedRef
 
@@ -46,11 +49,10 @@ class GALIPFamily(nn.Module):
         cfg: :class:`scadfast.variants.VariantConfig` with ``arch == "galip"``.
         clip: the :class:`~scadfast.models.clip.FrozenCLIP` (shared, never a submodule).
         img_size: image size (default ``clip.image_size``).
-        sn_impl: ``impl`` of every spectral norm in D. Spectral norm is a parametrization attached
-            when D is built, so it is chosen here; the ``impl`` argument of :meth:`d_loss` /
-            :meth:`g_loss` selects the loss ops (``san_logits``, ``san_d_loss``,
-            ``patch_hinge_loss``). Build with ``sn_impl="ref"`` and call with ``impl="ref"`` for a
-            pure reference pair.
+        sn_impl: ``impl`` of every spectral norm in D (a parametrization attached when D is built).
+            The ``impl`` argument of :meth:`d_loss` / :meth:`g_loss` selects the loss ops
+            (``san_logits``, ``san_d_loss``, ``patch_hinge_loss``); ``impl="ref"`` additionally
+            switches every spectral norm of D to its reference power iteration for that call.
         sn_trunk: spectral-normalise D's trunk too (default off).
 
     Attributes ``G``, ``D``, ``z_dim``, ``cfg``, ``d_steps`` (calls of ``d_loss`` so far).
@@ -84,6 +86,22 @@ class GALIPFamily(nn.Module):
     def generate(self, z: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """(B, z_dim), (B, d_txt) → images (B, 3, img_size, img_size), unbounded."""
         return self.G(z, s)
+
+    @contextlib.contextmanager
+    def _sn_impl(self, impl: str):
+        """With ``impl="ref"``, run D's spectral norms with the reference power iteration."""
+        if impl != "ref":
+            yield
+            return
+        sns = [m for m in self.D.modules() if isinstance(m, SpectralNorm)]
+        old = [m.impl for m in sns]
+        for m in sns:
+            m.impl = "ref"
+        try:
+            yield
+        finally:
+            for m, o in zip(sns, old):
+                m.impl = o
 
     # -- pieces -----------------------------------------------------------------------------------
     def _semantic(self, t: torch.Tensor, s: torch.Tensor, impl: str):
@@ -128,6 +146,15 @@ class GALIPFamily(nn.Module):
 
         Returns ``(loss, stats)``; ``stats`` holds detached scalar tensors.
         """
+        with self._sn_impl(impl):
+            return self._d_loss(real, s, z, impl)
+
+    def g_loss(self, s: torch.Tensor, z: torch.Tensor, impl: str = "auto"):
+        """Generator loss (module doc). Returns ``(loss, stats)`` with detached scalar stats."""
+        with self._sn_impl(impl):
+            return self._g_loss(s, z, impl)
+
+    def _d_loss(self, real, s, z, impl):
         cfg, clip, D = self.cfg, self.clip, self.D
         b = real.shape[0]
         if s.shape[0] != b or z.shape[0] != b:
@@ -177,8 +204,7 @@ class GALIPFamily(nn.Module):
         stats["d_loss"] = loss.detach()
         return loss, stats
 
-    def g_loss(self, s: torch.Tensor, z: torch.Tensor, impl: str = "auto"):
-        """Generator loss (module doc). Returns ``(loss, stats)`` with detached scalar stats."""
+    def _g_loss(self, s, z, impl):
         cfg, clip, D = self.cfg, self.clip, self.D
         fake = self.G(z, s)
         feats, emb = clip.image_features(fake)
