@@ -118,7 +118,8 @@ def _cpu_power_method(w_mat: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n_i
 
     fp32/fp64: torch's own sequence (bit-identical). fp16/bf16: the matrix is upcast once, products
     and norms are computed in fp32, and each normalised vector is rounded to the buffer dtype and
-    re-read in that rounding — the same numerics as the kernel.
+    re-read in that rounding, as torch does (the kernel keeps ``W v`` in fp32 instead; both are
+    within the documented fp16/bf16 tolerances of fp32 math).
     """
     if w_mat.dtype not in (torch.float16, torch.bfloat16):
         _torch_power_method(w_mat, u, v, n_iter, eps)
