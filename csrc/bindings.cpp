@@ -4,10 +4,10 @@
 //   cond_aug_forward(a, eps, glu) -> (c_hat, mu, logvar, kl)
 //   cond_aug_backward(a, eps, grad_c_hat, grad_mu, grad_logvar, grad_kl, glu) -> (grad_a, grad_eps)
 //
-// These are the raw kernels: no autograd. The PyTorch op ``torch.ops.scadfast.cond_aug_fused``
-// (registered with torch.library in scadfast/ops/cond_aug.py, with a fake impl and autograd) calls
-// them. The wrappers here validate what the kernels rely on, make inputs contiguous and dispatch
-// on the device (CPU kernel, or CUDA kernel when built with CUDA).
+// These are the raw kernels: no autograd. The PyTorch ops ``scadfast::cond_aug`` and
+// ``scadfast::cond_aug_backward`` (torch.library.custom_op in scadfast/ops/cond_aug.py, with fake
+// impls and autograd) call them. The wrappers here validate what the kernels rely on, make the
+// inputs contiguous and dispatch on the device (CPU kernel, or CUDA kernel when built with CUDA).
 
 #include <torch/extension.h>
 
