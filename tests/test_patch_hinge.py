@@ -209,6 +209,42 @@ def test_nan_like_reference(impl, real):
         assert g[1, 0, 2, 3] != 0
 
 
+@pytest.mark.parametrize("impl", ["auto", pytest.param("triton", marks=needs_triton)])
+def test_custom_op_entry_matches_eager_entry(impl, monkeypatch):
+    """Eager calls enter through an autograd.Function; tracing/modes use the custom ops: same results."""
+    import scadfast.ops.patch_hinge as ph
+
+    shape = (2, 1, 6, 7)
+    x, w = _logits(shape), _weight("sample", shape)
+    fast = _run(lambda a, r, ww: patch_hinge_loss(a, r, ww, impl=impl), x, False, w)
+
+    def _no_fast_path(*args):
+        raise AssertionError("the eager autograd.Function must not be used here")
+
+    monkeypatch.setattr(ph, "_eager_fast_path_ok", lambda *a: False)
+    monkeypatch.setattr(ph._PatchHingeFn, "apply", _no_fast_path)
+    via_op = _run(lambda a, r, ww: patch_hinge_loss(a, r, ww, impl=impl), x, False, w)
+    assert torch.equal(fast[0], via_op[0]) and torch.equal(fast[1], via_op[1])
+    xd = _logits((2, 1, 3, 3), torch.float64).requires_grad_(True)
+    assert torch.autograd.gradgradcheck(lambda t: patch_hinge_loss(t, True, None, impl=impl), (xd,))
+
+
+def test_eager_fast_path_only_for_plain_eager_calls():
+    import scadfast.ops.patch_hinge as ph
+
+    x = _logits((2, 3))
+    assert ph._eager_fast_path_ok(x, None)
+    with torch.overrides.TorchFunctionMode():
+        assert not ph._eager_fast_path_ok(x, None)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fx = mode.from_tensor(x)
+        assert not ph._eager_fast_path_ok(fx, None)
+        out = patch_hinge_loss(fx, True)  # the custom op's fake impl answers
+        assert out.shape == () and out.dtype == torch.float32
+
+
 def test_custom_ops_opcheck():
     x = _logits((2, 1, 5, 6)).requires_grad_(True)
     w = _weight("sample", x.shape)

@@ -106,14 +106,26 @@ def _kernels():
 # Custom ops
 
 
-@torch.library.custom_op("scadfast::patch_hinge_fwd", mutates_args=())
-def _fwd_op(logits: torch.Tensor, weight: Optional[torch.Tensor], real: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, Σw) as 0-dim tensors in the accumulation dtype; ``backend`` is "triton" or "cpu"."""
+def _forward_impl(logits, weight, real: bool, backend: str):
     if backend == "triton":
         return _kernels().hinge_forward(logits, weight, real)
     if backend == "cpu":
         return _cpu_forward(logits, weight, real)
     raise ValueError(f"scadfast::patch_hinge_fwd: unknown backend {backend!r}")
+
+
+def _backward_impl(grad, logits, weight, denom, real: bool, backend: str):
+    if backend == "triton":
+        return _kernels().hinge_backward(grad, denom, logits, weight, real)
+    if backend == "cpu":
+        return _cpu_backward(grad, logits, weight, denom, real)
+    raise ValueError(f"scadfast::patch_hinge_bwd: unknown backend {backend!r}")
+
+
+@torch.library.custom_op("scadfast::patch_hinge_fwd", mutates_args=())
+def _fwd_op(logits: torch.Tensor, weight: Optional[torch.Tensor], real: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, Σw) as 0-dim tensors in the accumulation dtype; ``backend`` is "triton" or "cpu"."""
+    return _forward_impl(logits, weight, real, backend)
 
 
 @_fwd_op.register_fake
@@ -127,11 +139,7 @@ def _bwd_op(
     grad: torch.Tensor, logits: torch.Tensor, weight: Optional[torch.Tensor], denom: torch.Tensor, real: bool, backend: str
 ) -> torch.Tensor:
     """∂loss/∂logits (contiguous, logits' dtype) for the 0-dim incoming gradient ``grad``."""
-    if backend == "triton":
-        return _kernels().hinge_backward(grad, denom, logits, weight, real)
-    if backend == "cpu":
-        return _cpu_backward(grad, logits, weight, denom, real)
-    raise ValueError(f"scadfast::patch_hinge_bwd: unknown backend {backend!r}")
+    return _backward_impl(grad, logits, weight, denom, real, backend)
 
 
 @_bwd_op.register_fake
@@ -176,6 +184,47 @@ def _bwd_backward(ctx, gg):
 
 
 _bwd_op.register_autograd(_bwd_backward, setup_context=_bwd_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# Eager entry point
+#
+# A ``torch.library.custom_op`` call costs tens of microseconds of Python dispatch in eager mode
+# (more than the kernels themselves at PatchGAN sizes). Outside of tracing, with plain tensors and no
+# dispatch/function mode active, the public function therefore enters the same forward/backward
+# implementations through a ``torch.autograd.Function``; everything else (torch.compile, export,
+# fake/meta tensors, tensor subclasses, modes) goes through the custom ops. A double backward
+# (``create_graph=True``) goes through ``scadfast::patch_hinge_bwd`` and its registered formula.
+
+
+class _PatchHingeFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, weight, real, backend):
+        loss, denom = _forward_impl(logits, weight, real, backend)
+        ctx.real, ctx.backend = real, backend
+        ctx.save_for_backward(logits, weight, denom)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        logits, weight, denom = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: keep the gradient differentiable
+            grad_x = torch.ops.scadfast.patch_hinge_bwd(grad_loss, logits, weight, denom, ctx.real, ctx.backend)
+        else:
+            grad_x = _backward_impl(grad_loss, logits, weight, denom, ctx.real, ctx.backend)
+        return grad_x, None, None, None
+
+
+def _eager_fast_path_ok(logits, weight) -> bool:
+    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
+        return False
+    if type(logits) is not torch.Tensor or (weight is not None and type(weight) is not torch.Tensor):
+        return False
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return _get_current_dispatch_mode() is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,5 +281,7 @@ def patch_hinge_loss(
         return patch_hinge_loss_ref(logits, real, weight)
     if weight is not None:
         weight = weight.detach()
+    if _eager_fast_path_ok(logits, weight):
+        return _PatchHingeFn.apply(logits, weight, real, path)
     loss, _ = torch.ops.scadfast.patch_hinge_fwd(logits, weight, real, path)
     return loss
