@@ -16,7 +16,6 @@ backend, it picks the next best path (warning once if the extension failed to bu
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 from typing import Iterable
@@ -32,14 +31,20 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_OK: bool | None = None  # memo (a plain global, which torch.compile traces as a constant)
+
+
 def triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:  # pragma: no cover - depends on the install
-        return False
-    return True
+    global _TRITON_OK
+    if _TRITON_OK is None:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+
+            _TRITON_OK = True
+        except Exception:  # pragma: no cover - depends on the install
+            _TRITON_OK = False
+    return _TRITON_OK
 
 
 def triton_runs_on(t: torch.Tensor) -> bool:
@@ -101,13 +106,19 @@ def resolve_impl(impl: str, op: str, t: torch.Tensor, fused: Iterable[str] = ("t
 # The C++/CUDA extension
 
 
-@functools.lru_cache(maxsize=None)
+_EXTENSION: tuple | None = None  # memo of (module or None, error or None); a plain global for torch.compile
+
+
 def _load_extension():
-    try:
-        from scadfast import _C  # type: ignore[attr-defined]
-    except Exception as e:  # ImportError, or an ABI mismatch raising OSError/RuntimeError
-        return None, f"{type(e).__name__}: {e}"
-    return _C, None
+    global _EXTENSION
+    if _EXTENSION is None:
+        try:
+            from scadfast import _C  # type: ignore[attr-defined]
+
+            _EXTENSION = (_C, None)
+        except Exception as e:  # ImportError, or an ABI mismatch raising OSError/RuntimeError
+            _EXTENSION = (None, f"{type(e).__name__}: {e}")
+    return _EXTENSION
 
 
 def extension():
