@@ -73,6 +73,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir={"scadfast.kernels": "kernels"},
+    package_data={"scadfast": ["assets/*.pt", "assets/*.json"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     install_requires=[
@@ -88,8 +89,13 @@ setup(
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130"],
-        "test": ["pytest>=7"],
+        "metrics": ["torch-fidelity>=0.4"],
+        "test": ["pytest>=7", "torch-fidelity>=0.4"],
     },
-    entry_points={"console_scripts": ["scadfast-train=scadfast.train:main"]},
+    entry_points={"console_scripts": [
+        "scadfast-train=scadfast.train:main",
+        "scadfast-sample=scadfast.sample:main",
+        "scadfast-evaluate=scadfast.evaluate:main",
+    ]},
     zip_safe=False,
 )

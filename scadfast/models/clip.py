@@ -97,7 +97,9 @@ class FrozenCLIP(nn.Module):
     Args:
         name: open_clip model name (``"scadfast-tiny"`` — registered on demand —, ``"ViT-B-32"``, …).
         pretrained: ``None`` for random initialisation, an open_clip tag such as ``"openai"`` (may
-            download; only when explicitly asked for), or the path of a local checkpoint file.
+            download; only when explicitly asked for), the path of a local checkpoint file, or
+            ``"shapes"`` (``scadfast-tiny`` only): the weights shipped in ``scadfast/assets``, trained
+            contrastively on the embedded shapes data by ``python -m scadfast.pretrain_clip``.
         device: where to put the model (default: CPU).
 
     The CLIP is frozen: every parameter has ``requires_grad=False`` and the module stays in eval
@@ -120,6 +122,10 @@ class FrozenCLIP(nn.Module):
         if pretrained is not None and not isinstance(pretrained, (str, os.PathLike)):
             raise TypeError(f"FrozenCLIP: pretrained must be None, a tag or a path, got {type(pretrained).__name__}")
         pretrained = os.fspath(pretrained) if pretrained is not None else None
+        if pretrained is not None and not os.path.isfile(pretrained):
+            from ..pretrain_clip import resolve_pretrained
+
+            pretrained = resolve_pretrained(name, pretrained)
         kwargs = {}
         if pretrained is not None and not os.path.isfile(pretrained):
             tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
