@@ -97,3 +97,22 @@ def all_mean(values: dict, info: DistInfo) -> dict:
     dist.all_reduce(t)
     t /= info.world_size
     return dict(zip(keys, t.unbind()))
+
+
+def check_in_sync(modules, info: DistInfo) -> None:
+    """Raise if any rank's parameters/buffers differ from rank 0's (checked at checkpoints)."""
+    if not info.enabled:
+        return
+    with torch.no_grad():
+        sums = []
+        for m in modules:
+            for t in list(m.parameters()) + list(m.buffers()):
+                if t.is_floating_point():
+                    sums.append(t.double().sum())
+                    sums.append(t.double().abs().sum())
+        local = torch.stack(sums)
+        ref = local.clone()
+        dist.broadcast(ref, src=0)
+        if not torch.equal(local, ref):
+            n = int((local != ref).sum())
+            raise RuntimeError(f"rank {info.rank}: model replicas diverged from rank 0 ({n} tensor checksums differ)")

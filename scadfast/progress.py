@@ -16,8 +16,11 @@ def format_seconds(s: float) -> str:
 class Progress:
     """Prints ``step/total | img/s | losses | ETA`` lines and mirrors scalars to TensorBoard.
 
-    Only the main rank should create one with ``enabled=True``.
+    Only the main rank should create one with ``enabled=True``. The console shows ``console_keys``
+    (when present); TensorBoard gets every scalar.
     """
+
+    console_keys = ("d_loss", "g_loss", "d/d_gp", "d/d_mi", "g/g_clip_cos", "g/g_kl")
 
     def __init__(self, total_steps: int, start_step: int = 0, log_dir: str | None = None,
                  enabled: bool = True, stream=None):
@@ -45,7 +48,8 @@ class Progress:
         self.last_t, self.last_step, self.images = now, step, images_seen
         info = dict(scalars, images_per_s=ips)
         if self.enabled:
-            losses = " ".join(f"{k}={v:.4g}" for k, v in scalars.items())
+            shown = [k for k in self.console_keys if k in scalars] or list(scalars)[:4]
+            losses = " ".join(f"{k.split('/')[-1]}={scalars[k]:.4g}" for k in shown)
             pct = 100.0 * step / max(self.total, 1)
             print(f"step {step}/{self.total} ({pct:5.1f}%) | {ips:7.1f} img/s | {losses} | "
                   f"elapsed {format_seconds(now - self.t0)} ETA {format_seconds(eta)}",

@@ -1,0 +1,467 @@
+"""Train a CLIP-aided text-to-image GAN: ``python -m scadfast.train --variant scad_mi``.
+
+With no other flag this runs offline on a 2-core CPU: it builds the embedded "shapes" data set in the
+cache directory if missing, uses the embedded CLIP (``scadfast-tiny``), trains for the preset number of
+steps and leaves checkpoints, PNG sample grids (fixed prompts × fixed noise), TensorBoard logs and a
+summary in the run directory. Multi-GPU / multi-node: ``torchrun --nproc_per_node=N -m scadfast.train ...``.
+
+One training iteration = ``n_critic`` discriminator steps and one generator step on data batches of
+``--batch-size`` images per process (GALIP: one D step, then one G step on the same batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import torch
+
+from . import checkpoint as ckpt_lib
+from . import distributed as dist_lib
+from . import variants
+from .grid import make_grid, save_grid
+from .progress import Progress, format_seconds
+
+# Switches that only make sense for one model family (checked so a user learns the flag is ignored).
+_GALIP_ONLY = ("d_loss", "fidelity", "fidelity_loss", "mi_weight", "gp_every", "gp_weight")
+_MS_ONLY = ("cond_aug", "ca_mode", "kl_weight", "label_smoothing", "use_uncond_loss")
+
+# Defaults of the engine (flags override, a --config file sits in between).
+DEFAULTS = dict(
+    data="shapes", shapes_n=2000, clip="scadfast-tiny", clip_pretrained=None, image_size=None,
+    batch_size=16, steps=1500, precision=None, compile=None, impl="auto", seed=0, out=None,
+    resume=False, log_every=25, sample_every=250, ckpt_every=250, keep_ckpts=3, device=None,
+    cache_dir=None, sample_prompts=8, sample_noise=8,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m scadfast.train",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    S = argparse.SUPPRESS  # unset flags stay absent so the config file / presets can fill them
+    g = p.add_argument_group("run")
+    g.add_argument("--variant", required=True, choices=variants.names(), help="preset of switches (SPEC §2)")
+    g.add_argument("--config", default=None, help="YAML file of flag values (keys = flag names); flags override it")
+    g.add_argument("--out", default=S, help="run directory (default runs/<variant>-<time>)")
+    g.add_argument("--resume", action="store_true", default=S, help="continue from the newest checkpoint in --out")
+    g.add_argument("--steps", type=int, default=S, help=f"training iterations (default {DEFAULTS['steps']})")
+    g.add_argument("--seed", type=int, default=S, help="seed of initialisation, noise and data order (default 0)")
+    g.add_argument("--device", default=S, help="cpu | cuda | cuda:N (default: cuda if available)")
+    g.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=S,
+                   help="autocast precision (default bf16 on GPU, fp32 on CPU)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=S,
+                   help="torch.compile the networks (default on for GPU, off on CPU where compile time "
+                        "dominates a short run)")
+    g.add_argument("--impl", choices=["auto", "ref"], default=S, help="fused ops (auto) or their references")
+    g.add_argument("--log-every", type=int, default=S, help="steps between progress lines (default 25)")
+    g.add_argument("--sample-every", type=int, default=S, help="steps between sample grids (default 250)")
+    g.add_argument("--ckpt-every", type=int, default=S, help="steps between checkpoints (default 250)")
+    g.add_argument("--keep-ckpts", type=int, default=S, help="numbered checkpoints kept (default 3)")
+    g.add_argument("--sample-prompts", type=int, default=S, help="rows (distinct prompts) of the sample grid (default 8)")
+    g.add_argument("--sample-noise", type=int, default=S, help="columns (fixed noise vectors) of the sample grid (default 8)")
+    g = p.add_argument_group("data and CLIP")
+    g.add_argument("--data", default=S, help="shapes | coco:PATH | folder:PATH | wds:PATTERN (default shapes)")
+    g.add_argument("--shapes-n", type=int, default=S, help="images in the generated shapes set (default 2000)")
+    g.add_argument("--cache-dir", default=S, help="data / embedding cache (default $SCADFAST_CACHE or ~/.cache/scadfast)")
+    g.add_argument("--clip", default=S, help="open_clip model name (default scadfast-tiny, the embedded CLIP)")
+    g.add_argument("--clip-pretrained", default=S,
+                   help="open_clip tag (e.g. openai), a local checkpoint path, or 'shapes' (the shipped weights of "
+                        "scadfast-tiny; the default for it), 'none' for random init")
+    g.add_argument("--image-size", type=int, default=S, help="output resolution (default: the CLIP image size)")
+    g.add_argument("--batch-size", type=int, default=S, help="images per process per step (default 16)")
+    g = p.add_argument_group("model switches (override the variant preset)")
+    g.add_argument("--d-loss", choices=["hinge", "san"], default=S)
+    g.add_argument("--fidelity", choices=["none", "clip_patch", "pixel_patchgan"], default=S)
+    g.add_argument("--fidelity-loss", choices=["hinge", "san"], default=S)
+    g.add_argument("--mi-weight", type=float, default=S, help="λ_MI of the Q(z|x) head (0 = off)")
+    g.add_argument("--clip-weight", type=float, default=S, help="λ_clip of G's CLIP-similarity term")
+    g.add_argument("--gp-every", type=int, default=S, help="MA-GP every N D steps (lazy, scaled by N)")
+    g.add_argument("--gp-weight", type=float, default=S, help="MA-GP k (0 = off)")
+    g.add_argument("--z-dim", type=int, default=S)
+    g.add_argument("--ngf", type=int, default=S, help="generator base width")
+    g.add_argument("--ndf", type=int, default=S, help="discriminator base width")
+    g.add_argument("--lr-g", type=float, default=S)
+    g.add_argument("--lr-d", "--d-lr", dest="lr_d", type=float, default=S)
+    g.add_argument("--n-critic", type=int, default=S, help="D steps per G step")
+    g.add_argument("--cond-aug", action=argparse.BooleanOptionalAction, default=S, help="MS-CLIP-GAN: CA on/off")
+    g.add_argument("--ca-mode", choices=["glu", "relu"], default=S)
+    g.add_argument("--kl-weight", type=float, default=S)
+    g.add_argument("--label-smoothing", type=float, default=S)
+    g.add_argument("--use-uncond-loss", action=argparse.BooleanOptionalAction, default=S)
+    return p
+
+
+_CFG_FIELDS = {f for f in variants.VariantConfig.__dataclass_fields__} - {"name", "arch", "betas"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Flags > --config file > engine defaults; model switches > variant preset. Errors name the flag."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    given = {k: v for k, v in vars(ns).items() if k not in ("variant", "config")}
+    from_file = {}
+    if ns.config:
+        from_file = load_config(ns.config, parser)
+    merged = dict(DEFAULTS)
+    merged.update({k: v for k, v in from_file.items() if k not in _CFG_FIELDS})
+    merged.update({k: v for k, v in given.items() if k not in _CFG_FIELDS})
+    switches = {k: v for k, v in from_file.items() if k in _CFG_FIELDS}
+    switches.update({k: v for k, v in given.items() if k in _CFG_FIELDS})
+    cfg = variants.get(ns.variant)
+    family_only = _MS_ONLY if cfg.arch == "galip" else _GALIP_ONLY
+    bad = [k for k in switches if k in family_only]
+    if bad:
+        flags = ", ".join("--" + k.replace("_", "-") for k in bad)
+        raise SystemExit(f"error: {flags} do(es) not apply to --variant {ns.variant} "
+                         f"({'GALIP family' if cfg.arch == 'galip' else 'MS-CLIP-GAN'})")
+    if merged["clip_pretrained"] is None and merged["clip"] == "scadfast-tiny":
+        merged["clip_pretrained"] = "shapes"  # the embedded CLIP pretrained on the embedded data
+    if merged["clip_pretrained"] in ("none", "None"):
+        merged["clip_pretrained"] = None
+    merged["cfg"] = cfg.replace(**switches)
+    merged["variant"] = ns.variant
+    args = argparse.Namespace(**merged)
+    _validate(args)
+    return args
+
+
+def load_config(path: str, parser) -> dict:
+    import yaml
+
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --config {path}: file not found")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise SystemExit(f"error: --config {path}: invalid YAML ({e})")
+    if not isinstance(data, dict):
+        raise SystemExit(f"error: --config {path}: expected a mapping of flag names to values")
+    known = {a.dest for a in parser._actions}
+    out = {}
+    for k, v in data.items():
+        key = k.replace("-", "_")
+        if key == "variant":
+            continue
+        if key not in known:
+            raise SystemExit(f"error: --config {path}: unknown key {k!r}")
+        out[key] = v
+    return out
+
+
+def _validate(a) -> None:
+    for name in ("steps", "batch_size", "log_every", "sample_every", "ckpt_every", "shapes_n"):
+        if getattr(a, name) is not None and getattr(a, name) <= 0:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be positive, got {getattr(a, name)}")
+    if a.cfg.n_critic < 1:
+        raise SystemExit("error: --n-critic must be >= 1")
+    if a.cfg.gp_every < 1:
+        raise SystemExit("error: --gp-every must be >= 1")
+    if a.resume and not a.out:
+        raise SystemExit("error: --resume needs --out RUN_DIR (the run to continue)")
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    pass
+
+
+class Trainer:
+    """Owns the models, optimisers, data and the loop; ``state_dict`` is everything a resume needs."""
+
+    def __init__(self, args):
+        self.args = args
+        self.cfg = args.cfg
+        dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dist = dist_lib.init(dev)
+        if dev == "cuda" and self.dist.enabled:
+            dev = f"cuda:{self.dist.local_rank}"
+        self.device = torch.device(dev)
+        self.precision = args.precision or ("bf16" if self.device.type == "cuda" else "fp32")
+        self.compile = args.compile if args.compile is not None else self.device.type == "cuda"
+        self.is_main = self.dist.is_main
+        self.out = args.out or os.path.join("runs", f"{args.variant}-{time.strftime('%Y%m%d-%H%M%S')}")
+        self._stop_requested = False
+
+        from .models.clip import FrozenCLIP
+        from .models.text_cache import TextEmbeddingCache
+
+        torch.manual_seed(args.seed)  # identical initialisation on every rank
+        self.clip = FrozenCLIP(args.clip, pretrained=args.clip_pretrained, device=self.device)
+        self.image_size = args.image_size or self.clip.image_size
+        self.loader = self._make_loader()
+        cache_dir = os.path.join(self._cache_dir(), "text-embeddings")
+        emb = TextEmbeddingCache(self.clip, cache_dir).embed(self.loader.captions)
+        self.text_emb = torch.as_tensor(emb).to(self.device, torch.float32)
+
+        torch.manual_seed(args.seed)
+        self.pair = variants.build(self.cfg, self.clip, img_size=self.image_size).to(self.device)
+        dist_lib.broadcast_module(self.pair.G, self.dist)
+        dist_lib.broadcast_module(self.pair.D, self.dist)
+        fused = self.device.type == "cuda"
+        self.opt_g = torch.optim.Adam(self.pair.G.parameters(), lr=self.cfg.lr_g, betas=self.cfg.betas, fused=fused)
+        self.opt_d = torch.optim.Adam(self.pair.D.parameters(), lr=self.cfg.lr_d, betas=self.cfg.betas, fused=fused)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        if self.compile:
+            self._compile()
+        self.step, self.images_seen = 0, 0
+        # Fixed prompts × fixed noise for the sample grids (independent of the training RNG).
+        gen = torch.Generator().manual_seed(args.seed + 12345)
+        prompts = _distinct(self.loader.captions)[: args.sample_prompts]
+        self.sample_prompts = prompts
+        idx = [self.loader.captions.index(p) for p in prompts]
+        self.sample_s = self.text_emb[idx].repeat_interleave(args.sample_noise, 0)
+        self.sample_z = torch.randn(args.sample_noise, self.cfg.z_dim, generator=gen).repeat(len(prompts), 1).to(self.device)
+
+    # -- setup helpers ----------------------------------------------------------------------------
+    def _cache_dir(self) -> str:
+        return self.args.cache_dir or os.environ.get("SCADFAST_CACHE") or os.path.join(
+            os.path.expanduser("~"), ".cache", "scadfast")
+
+    def _make_loader(self):
+        from .data import make_loader
+
+        a = self.args
+        spec = a.data
+        if spec == "shapes":  # the embedded default: generated (once) in the cache directory
+            spec = f"shapes:n={a.shapes_n},root={os.path.join(self._cache_dir(), 'data')}"
+        return make_loader(
+            spec, image_size=self.image_size, batch_size=a.batch_size,
+            device_id=(self.device.index or 0) if self.device.type == "cuda" else None,
+            rank=self.dist.rank, world_size=self.dist.world_size, seed=a.seed,
+        )
+
+    def _compile(self):
+        """Compile the generator and the discriminator parts that never see a double backward.
+
+        ``torch.compile`` (AOTAutograd) does not support double backward, and the MA-GP differentiates
+        D's output w.r.t. its inputs; so G is compiled whole and D only when the penalty is off.
+        """
+        self.pair.G.compile()
+        if self.cfg.gp_weight == 0:
+            self.pair.D.compile()
+
+    def _autocast(self):
+        if self.precision == "fp32":
+            return torch.autocast(self.device.type, enabled=False)
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    # -- state ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "variant": self.args.variant, "cfg": self.cfg.__dict__.copy(),
+            "clip": {"name": self.args.clip, "pretrained": self.args.clip_pretrained},
+            "image_size": self.image_size, "data": self.args.data,
+            "G": self.pair.G.state_dict(), "D": self.pair.D.state_dict(),
+            "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "images_seen": self.images_seen, "data_position": self.loader.state_dict(),
+            "rng": ckpt_lib.rng_state(), "world_size": self.dist.world_size,
+            "sample_prompts": self.sample_prompts,
+        }
+
+    def load_state_dict(self, state: dict, path: str) -> None:
+        if state.get("variant") != self.args.variant or state.get("cfg") != self.cfg.__dict__:
+            diff = {k: (state.get("cfg", {}).get(k), v) for k, v in self.cfg.__dict__.items()
+                    if state.get("cfg", {}).get(k) != v}
+            raise ckpt_lib.CheckpointError(
+                f"checkpoint {path} is from variant {state.get('variant')!r} with a different "
+                f"configuration than this run (--variant {self.args.variant}); differing fields "
+                f"(checkpoint, now): {diff}")
+        if state.get("image_size") != self.image_size or state.get("clip", {}).get("name") != self.args.clip:
+            raise ckpt_lib.CheckpointError(
+                f"checkpoint {path} was trained with CLIP {state.get('clip')} at {state.get('image_size')} px, "
+                f"this run uses {self.args.clip} at {self.image_size} px")
+        self.pair.G.load_state_dict(state["G"])
+        self.pair.D.load_state_dict(state["D"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.images_seen = state["step"], state["images_seen"]
+        pos = state["data_position"]
+        if state.get("world_size", 1) == self.dist.world_size:
+            self.loader.load_state_dict(pos)
+            ckpt_lib.set_rng_state(state["rng"])
+        else:
+            # Another world size shards the data differently, so the exact order and random streams
+            # cannot continue: start the next epoch, with seeds re-derived from the step.
+            self.loader.set_epoch(int(pos["epoch"]) + 1, 0)
+            torch.manual_seed(self.args.seed + 1000003 * self.step + self.dist.rank)
+
+    def save(self) -> str | None:
+        dist_lib.check_in_sync([self.pair.G, self.pair.D], self.dist)
+        if not self.is_main:
+            return None
+        bad = [n for n, p in list(self.pair.G.named_parameters()) + list(self.pair.D.named_parameters())
+               if not torch.isfinite(p).all()]
+        if bad:
+            raise FloatingPointError(
+                f"refusing to checkpoint step {self.step}: non-finite parameters ({bad[:3]}...); "
+                f"the last good checkpoint in {self.out} is intact")
+        return ckpt_lib.save(self.out, self.state_dict(), self.step, keep=self.args.keep_ckpts)
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def _batches(self):
+        """Endless (images, s) stream; the loader tracks (epoch, batch) for an exact resume."""
+        while True:
+            for images, idx in self.loader:
+                yield images.to(self.device, non_blocking=True), self.text_emb[idx.to(self.device)]
+
+    def _opt_step(self, loss, opt, params):
+        opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        dist_lib.allreduce_grads(params, self.dist)
+        self.scaler.step(opt)
+        self.scaler.update()
+
+    def train_step(self, batches):
+        cfg, impl = self.cfg, self.args.impl
+        stats = {}
+        for _ in range(cfg.n_critic):
+            real, s = next(batches)
+            z = torch.randn(real.shape[0], cfg.z_dim, device=self.device)
+            with self._autocast():
+                d_loss, d_stats = self.pair.d_loss(real, s, z, impl=impl)
+            self._opt_step(d_loss, self.opt_d, list(self.pair.D.parameters()))
+            self.images_seen += real.shape[0] * self.dist.world_size
+        z = torch.randn(real.shape[0], cfg.z_dim, device=self.device)
+        with self._autocast():
+            g_loss, g_stats = self.pair.g_loss(s, z, impl=impl)
+        self._opt_step(g_loss, self.opt_g, list(self.pair.G.parameters()))
+        stats.update({"d_loss": d_loss.detach(), "g_loss": g_loss.detach()})
+        stats.update({f"d/{k}": v for k, v in d_stats.items()})
+        stats.update({f"g/{k}": v for k, v in g_stats.items()})
+        return stats
+
+    @torch.no_grad()
+    def write_samples(self, progress: Progress) -> str | None:
+        if not self.is_main:
+            return None
+        imgs = []
+        for i in range(0, self.sample_z.shape[0], 64):
+            with self._autocast():
+                imgs.append(self.pair.generate(self.sample_z[i:i + 64], self.sample_s[i:i + 64]).float())
+        imgs = torch.cat(imgs)
+        path = save_grid(imgs, os.path.join(self.out, "samples", f"step-{self.step:08d}.png"), nrow=self.args.sample_noise)
+        save_grid(imgs, os.path.join(self.out, "samples", "latest.png"), nrow=self.args.sample_noise)
+        progress.image("samples", make_grid(imgs, self.args.sample_noise), self.step)
+        return path
+
+    def request_stop(self, signum, frame):
+        self._stop_requested = True
+
+    def run(self) -> dict:
+        a = self.args
+        if self.is_main:
+            os.makedirs(self.out, exist_ok=True)
+        resumed_from = None
+        if a.resume:
+            path = ckpt_lib.latest(self.out)
+            if path is None:
+                raise SystemExit(f"error: --resume: no checkpoint in {self.out}")
+            self.load_state_dict(ckpt_lib.load(path, map_location=self.device), path)
+            resumed_from = path
+        elif self.is_main and ckpt_lib.latest(self.out):
+            raise SystemExit(f"error: {self.out} already has checkpoints; pass --resume to continue it "
+                             f"or choose another --out")
+        if self.is_main:
+            with open(os.path.join(self.out, "config.json"), "w") as f:
+                json.dump({**{k: v for k, v in vars(a).items() if k != "cfg"}, "cfg": self.cfg.__dict__,
+                           "device": str(self.device), "precision": self.precision,
+                           "compile": self.compile, "world_size": self.dist.world_size}, f, indent=2, default=str)
+        progress = Progress(a.steps, self.step, os.path.join(self.out, "tb"), enabled=self.is_main)
+        if self.is_main:
+            print(f"[scadfast] {a.variant} on {self.device} ×{self.dist.world_size} | {self.precision} | "
+                  f"compile={self.compile} | impl={a.impl} | image {self.image_size}px | batch {a.batch_size}"
+                  f"/process | data {a.data} ({len(self.loader.captions)} captions) | CLIP {a.clip} | "
+                  f"out {self.out}" + (f" | resumed from {resumed_from} at step {self.step}" if resumed_from else ""),
+                  file=sys.stderr, flush=True)
+        # SIGTERM (a scheduler's pre-emption, torchrun's shutdown): finish the step, checkpoint, exit.
+        old = {s: signal.signal(s, self.request_stop) for s in (signal.SIGTERM,)}
+        t0, start_step, last = time.perf_counter(), self.step, {}
+        batches = self._batches()
+        try:
+            while self.step < a.steps:
+                stats = self.train_step(batches)
+                self.step += 1
+                log_now = self.step % a.log_every == 0 or self.step == a.steps
+                ckpt_now = self.step % a.ckpt_every == 0 or self.step == a.steps or self._stop_requested
+                if log_now or ckpt_now:  # host sync only here
+                    stats = dist_lib.all_mean(stats, self.dist)
+                    vals = {k: float(v) for k, v in stats.items()}
+                    bad = [k for k, v in vals.items() if not math.isfinite(v)]
+                    if bad:
+                        raise FloatingPointError(
+                            f"non-finite loss at step {self.step}: {', '.join(bad)} = "
+                            f"{[vals[k] for k in bad]}; stopping. The last good checkpoint in {self.out} is "
+                            f"intact (resume with --resume, perhaps with a lower learning rate or --precision fp32)")
+                    last = vals
+                    if log_now:
+                        progress.log(self.step, self.images_seen, vals)
+                if self.step % a.sample_every == 0 or self.step == a.steps:
+                    self.write_samples(progress)
+                if ckpt_now:
+                    self.save()
+                if self._stop_requested:
+                    raise _Stop()
+        except _Stop:
+            if self.is_main:
+                print(f"[scadfast] stopped by signal at step {self.step}; checkpoint written to {self.out}",
+                      file=sys.stderr, flush=True)
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            progress.close()
+        wall = time.perf_counter() - t0
+        summary = {
+            "variant": a.variant, "steps": self.step, "images_seen": self.images_seen,
+            "wall_s": round(wall, 2), "images_per_s": round((self.step - start_step) * a.batch_size
+                                                            * self.cfg.n_critic * self.dist.world_size / max(wall, 1e-9), 2),
+            "device": str(self.device), "world_size": self.dist.world_size, "run_dir": self.out,
+            "checkpoint": os.path.join(self.out, ckpt_lib.LATEST), **{k: round(v, 4) for k, v in last.items()},
+        }
+        if self.is_main:
+            with open(os.path.join(self.out, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+            print(f"[scadfast] done: {a.variant} {self.step} steps in {format_seconds(wall)} "
+                  f"({summary['images_per_s']} img/s) | d_loss={last.get('d_loss', float('nan')):.4g} "
+                  f"g_loss={last.get('g_loss', float('nan')):.4g} | samples {self.out}/samples/latest.png | "
+                  f"checkpoint {summary['checkpoint']}", file=sys.stderr, flush=True)
+        return summary
+
+
+def _distinct(items):
+    seen, out = set(), []
+    for x in items:
+        if x not in seen:
+            seen.add(x)
+            out.append(x)
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        trainer = Trainer(args)
+        trainer.run()
+    except (ckpt_lib.CheckpointError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        dist_lib.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

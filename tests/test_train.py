@@ -1,0 +1,247 @@
+"""The training engine end to end on CPU: every variant, exact resume after SIGKILL, DDP with gloo,
+and the bad-input cases (each must fail with a message naming the problem and lose nothing)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from scadfast import checkpoint as ckpt_lib
+from scadfast import train, variants
+
+TINY = ["--shapes-n", "48", "--batch-size", "4", "--log-every", "1", "--sample-every", "2",
+        "--ngf", "16", "--ndf", "16", "--device", "cpu", "--sample-prompts", "2", "--sample-noise", "2"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("cache"))
+    old = os.environ.get("SCADFAST_CACHE")
+    os.environ["SCADFAST_CACHE"] = d
+    yield d
+    if old is None:
+        os.environ.pop("SCADFAST_CACHE", None)
+    else:
+        os.environ["SCADFAST_CACHE"] = old
+
+
+def _env(cache):
+    env = dict(os.environ, SCADFAST_CACHE=cache, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def _run(args, cache, **kw):
+    return subprocess.run([sys.executable, "-m", "scadfast.train", *args], env=_env(cache),
+                          capture_output=True, text=True, timeout=600, **kw)
+
+
+@pytest.mark.parametrize("variant", variants.names())
+def test_every_variant_trains_and_leaves_artifacts(variant, cache, tmp_path):
+    out = str(tmp_path / "run")
+    rc = train.main(["--variant", variant, "--steps", "2", "--out", out, "--ckpt-every", "2", *TINY])
+    assert rc == 0
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["steps"] == 2 and summary["variant"] == variant
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in summary.items() if k in ("d_loss", "g_loss"))
+    assert os.path.getsize(os.path.join(out, "samples", "latest.png")) > 100
+    assert os.path.exists(os.path.join(out, "ckpt.pt")) and ckpt_lib.list_numbered(out)
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(out, "tb")))
+    state = ckpt_lib.load(out)
+    assert state["step"] == 2 and state["variant"] == variant
+
+
+def _params(path):
+    s = ckpt_lib.load(path)
+    return s["G"], s["D"], s["opt_g"]["state"], s["opt_d"]["state"]
+
+
+def _assert_bitwise_equal(a, b, what=""):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), what
+        for k in a:
+            _assert_bitwise_equal(a[k], b[k], f"{what}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), what
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_bitwise_equal(x, y, f"{what}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{what} differs"
+    else:
+        assert a == b, what
+
+
+def test_resume_after_sigkill_is_bitwise_identical(cache, tmp_path):
+    steps = ["--steps", "10", "--ckpt-every", "2", "--keep-ckpts", "10"]
+    base = ["--variant", "scad_mi", "--seed", "3", *TINY]
+    a = _run([*base, *steps, "--out", str(tmp_path / "a")], cache)
+    assert a.returncode == 0, a.stderr[-3000:]
+
+    out_b = tmp_path / "b"
+    p = subprocess.Popen([sys.executable, "-m", "scadfast.train", *base, *steps, "--out", str(out_b)],
+                         env=_env(cache), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out_b / "ckpt-00000002.pt").exists() and p.poll() is None:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL, "the run ended before it could be killed; the test proves nothing"
+    done = [ckpt_lib.load(c)["step"] for c in ckpt_lib.list_numbered(str(out_b))]
+    assert done and max(done) < 10
+    r = _run([*base, *steps, "--out", str(out_b), "--resume"], cache)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr
+    _assert_bitwise_equal(_params(str(tmp_path / "a")), _params(str(out_b)), "state")
+
+
+def test_ddp_two_cpu_ranks_stay_in_sync_and_checkpoint_loads_single_process(cache, tmp_path):
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "scadfast.train", "--variant", "scad", "--steps", "3", "--ckpt-every", "3", "--out", out, *TINY]
+    r = subprocess.run(cmd, env=_env(cache), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    state = ckpt_lib.load(out)
+    assert state["world_size"] == 2 and state["step"] == 3
+    assert state["images_seen"] == 3 * 4 * 2
+    # The single-process run continues the DDP checkpoint.
+    rc = train.main(["--variant", "scad", "--steps", "4", "--ckpt-every", "4", "--out", out, "--resume", *TINY])
+    assert rc == 0 and ckpt_lib.load(out)["step"] == 4
+
+
+# ---- bad input ------------------------------------------------------------------------------
+
+
+def test_unknown_variant_and_inapplicable_flags():
+    with pytest.raises(SystemExit):
+        train.parse_args(["--variant", "stylegan"])
+    with pytest.raises(SystemExit, match="--mi-weight"):
+        train.parse_args(["--variant", "ms_clip_gan", "--mi-weight", "1"])
+    with pytest.raises(SystemExit, match="--kl-weight"):
+        train.parse_args(["--variant", "scad", "--kl-weight", "1"])
+    with pytest.raises(SystemExit, match="--steps must be positive"):
+        train.parse_args(["--variant", "scad", "--steps", "0"])
+
+
+def test_config_file_and_flag_precedence(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("steps: 7\nbatch_size: 3\nmi_weight: 0.25\n")
+    a = train.parse_args(["--variant", "scad_mi", "--config", str(cfg), "--steps", "9"])
+    assert a.steps == 9 and a.batch_size == 3 and a.cfg.mi_weight == 0.25
+    cfg.write_text("stepz: 7\n")
+    with pytest.raises(SystemExit, match="unknown key 'stepz'"):
+        train.parse_args(["--variant", "scad_mi", "--config", str(cfg)])
+    with pytest.raises(SystemExit, match="file not found"):
+        train.parse_args(["--variant", "scad_mi", "--config", str(tmp_path / "nope.yaml")])
+
+
+def test_missing_and_empty_data_paths(cache, tmp_path):
+    with pytest.raises(Exception, match=str(tmp_path / "nothing")):
+        train.main(["--variant", "galip", "--data", f"folder:{tmp_path / 'nothing'}", "--out", str(tmp_path / "r"), *TINY])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(Exception, match="empty|no images"):
+        train.main(["--variant", "galip", "--data", f"folder:{tmp_path / 'empty'}", "--out", str(tmp_path / "r2"), *TINY])
+
+
+@pytest.fixture(scope="module")
+def galip_run(cache, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("galip") / "run")
+    assert train.main(["--variant", "galip", "--steps", "2", "--ckpt-every", "1", "--out", out, *TINY]) == 0
+    return out
+
+
+def test_checkpoint_from_another_variant_is_refused(galip_run, capsys):
+    rc = train.main(["--variant", "scad", "--steps", "3", "--out", galip_run, "--resume", *TINY])
+    assert rc == 1
+    assert "variant 'galip'" in capsys.readouterr().err
+
+
+def test_truncated_checkpoint_is_named(galip_run, tmp_path, capsys):
+    import shutil
+
+    out = str(tmp_path / "trunc")
+    shutil.copytree(galip_run, out)
+    path = os.path.join(out, "ckpt.pt")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    rc = train.main(["--variant", "galip", "--steps", "3", "--out", out, "--resume", *TINY])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "ckpt.pt" in err and "truncated or corrupt" in err
+
+
+def test_existing_run_without_resume_is_refused(galip_run):
+    with pytest.raises(SystemExit, match="--resume"):
+        train.main(["--variant", "galip", "--steps", "3", "--out", galip_run, *TINY])
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(cache, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "nan")
+    real_step = train.Trainer.train_step
+
+    def poisoned(self, batches):
+        stats = real_step(self, batches)
+        if self.step >= 2:  # the step about to become step 3
+            stats["d_loss"] = torch.tensor(float("nan"))
+        return stats
+
+    monkeypatch.setattr(train.Trainer, "train_step", poisoned)
+    rc = train.main(["--variant", "galip", "--steps", "5", "--ckpt-every", "1", "--out", out, *TINY])
+    assert rc == 1
+    assert "non-finite loss at step 3" in capsys.readouterr().err
+    assert ckpt_lib.load(out)["step"] == 2
+
+
+def test_disk_full_while_checkpointing_keeps_previous(cache, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "full")
+    real = ckpt_lib.atomic_write_bytes
+    calls = {"n": 0}
+
+    def flaky(path, data):
+        if os.path.basename(path).startswith("ckpt-00000002"):
+            calls["n"] += 1
+            tmp = os.path.join(os.path.dirname(path), ".partial")
+            open(tmp, "wb").write(data[:10])
+            os.remove(tmp)
+            raise ckpt_lib.CheckpointError(f"no space left on device while writing {path}; the previous checkpoint is intact")
+        return real(path, data)
+
+    monkeypatch.setattr(ckpt_lib, "atomic_write_bytes", flaky)
+    rc = train.main(["--variant", "galip", "--steps", "3", "--ckpt-every", "1", "--out", out, *TINY])
+    assert rc == 1 and calls["n"] == 1
+    assert "no space left" in capsys.readouterr().err
+    assert ckpt_lib.load(out)["step"] == 1
+    assert [os.path.basename(p) for p in ckpt_lib.list_numbered(out)] == ["ckpt-00000001.pt"]
+
+
+def test_atomic_write_enospc_removes_temp_and_keeps_old(tmp_path, monkeypatch):
+    target = tmp_path / "f.pt"
+    target.write_bytes(b"old")
+    real_open = open
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("builtins.open", lambda p, m="r", *a, **k: Full(real_open(p, m, *a, **k)) if "w" in m else real_open(p, m, *a, **k))
+    with pytest.raises(ckpt_lib.CheckpointError, match="no space left"):
+        ckpt_lib.atomic_write_bytes(str(target), b"new")
+    monkeypatch.undo()
+    assert target.read_bytes() == b"old"
+    assert sorted(os.listdir(tmp_path)) == ["f.pt"]
