@@ -1,5 +1,6 @@
 """Models of the GALIP family (SPEC §3–§5): the frozen CLIP, the CLIP-aided generator, the
-discriminators and the :class:`~scadfast.models.galip.GALIPFamily` model pair.
+discriminators and the :class:`~scadfast.models.galip.GALIPFamily` model pair; MS-CLIP-GAN (SPEC §6)
+in :mod:`scadfast.models.ms_clip_gan`.
 
 Submodules are imported lazily so that ``import scadfast.models.clip`` stays cheap.
 """
@@ -14,6 +15,7 @@ _EXPORTS = {
     "CLIPAidedGenerator": "generator",
     "GALIPDiscriminator": "discriminator", "PixelPatchGAN": "discriminator",
     "GALIPFamily": "galip",
+    "MSCLIPGAN": "ms_clip_gan", "build_ms_clip_gan": "ms_clip_gan",
 }
 
 __all__ = list(_EXPORTS)
