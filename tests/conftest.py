@@ -36,3 +36,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (model-sized CPU work on a shared 2-core box is 10-20x slower
+    with oversubscribed threads)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def clip():
+    """The embedded tiny CLIP with random weights (seeded), shared by a test module."""
+    from scadfast.models.clip import FrozenCLIP
+
+    torch.manual_seed(0)
+    return FrozenCLIP()

@@ -11,19 +11,7 @@ from scadfast.models.clip import (FrozenCLIP, TINY_NAME, register_tiny_config, s
 from scadfast.models.text_cache import TextEmbeddingCache
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The CI box is 2 cores shared by several jobs: oversubscribed intra-op threads are 10-20x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def clip():
-    torch.manual_seed(0)
-    return FrozenCLIP()
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixtures one_thread, clip: conftest.py
 
 
 def test_tiny_config_attributes(clip):
