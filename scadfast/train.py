@@ -274,6 +274,7 @@ class Trainer:
             "images_seen": self.images_seen, "data_position": self.loader.state_dict(),
             "rng": ckpt_lib.rng_state(), "world_size": self.dist.world_size,
             "sample_prompts": self.sample_prompts,
+            "d_steps": getattr(self.pair, "d_steps", None),  # the lazy MA-GP counter (--gp-every)
         }
 
     def load_state_dict(self, state: dict, path: str) -> None:
@@ -294,6 +295,8 @@ class Trainer:
         self.opt_d.load_state_dict(state["opt_d"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.images_seen = state["step"], state["images_seen"]
+        if state.get("d_steps") is not None and hasattr(self.pair, "d_steps"):
+            self.pair.d_steps = state["d_steps"]
         pos = state["data_position"]
         if state.get("world_size", 1) == self.dist.world_size:
             self.loader.load_state_dict(pos)
