@@ -18,14 +18,25 @@ import shutil
 from setuptools import find_packages, setup
 
 
+def _is_cuda_home(path):
+    return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and os.path.isfile(
+        os.path.join(path, "include", "cuda_runtime.h"))
+
+
 def _find_cuda_home():
+    """A directory that really holds the toolkit (bin/nvcc and include/cuda_runtime.h).
+
+    ``nvcc`` on PATH may be a wrapper script (e.g. /usr/local/bin/nvcc), so the directory above it
+    is only used when it passes the same check.
+    """
     if os.environ.get("CUDA_HOME"):
         return os.environ["CUDA_HOME"]
+    candidates = ["/usr/local/cuda"]
     nvcc = shutil.which("nvcc")
     if nvcc:
-        return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-    for cand in ("/usr/local/cuda",):
-        if os.path.exists(os.path.join(cand, "bin", "nvcc")):
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for cand in candidates:
+        if _is_cuda_home(cand):
             return cand
     return None
 
