@@ -34,7 +34,7 @@ _MS_ONLY = ("cond_aug", "ca_mode", "kl_weight", "label_smoothing", "use_uncond_l
 # Defaults of the engine (flags override, a --config file sits in between).
 DEFAULTS = dict(
     data="shapes", shapes_n=2000, clip="scadfast-tiny", clip_pretrained=None, image_size=None,
-    batch_size=16, steps=800, precision=None, compile=None, impl="auto", seed=0, out=None,
+    batch_size=16, steps=600, precision=None, compile=None, impl="auto", seed=0, out=None,
     resume=False, log_every=25, sample_every=200, ckpt_every=200, keep_ckpts=3, device=None,
     cache_dir=None, sample_prompts=8, sample_noise=8,
 )
@@ -127,8 +127,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if merged["clip_pretrained"] in ("none", "None"):
         merged["clip_pretrained"] = None
     if merged["clip"] == "scadfast-tiny":
-        # The embedded default is sized for a 2-core CPU: half-width networks (0.85 s per step of 16
-        # images at 64 px measured on the 2-core CI machine), so 800 steps finish in about 12 minutes.
+        # The embedded default is sized for a 2-core CPU: half-width networks (about 1.2 s per step of 16
+        # images at 64 px on the 2-core CI machine, 13.5 img/s), so 600 steps finish in about 12 minutes.
         switches.setdefault("ngf", 32)
         switches.setdefault("ndf", 32)
     merged["cfg"] = cfg.replace(**switches)
