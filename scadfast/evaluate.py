@@ -109,19 +109,6 @@ def _default_prompts(n: int, seed: int) -> list[str]:
     return out
 
 
-def _resolve_training_clip(ckpt: str, override: str | None) -> str | None:
-    """Map a recorded ``pretrained="shapes"`` tag to the shipped file (FrozenCLIP takes a path)."""
-    from . import checkpoint as ckpt_lib
-    from .pretrain_clip import resolve_pretrained
-
-    if override is not None:
-        return override
-    info = ckpt_lib.load(ckpt, map_location="cpu").get("clip", {})
-    pre = info.get("pretrained")
-    resolved = resolve_pretrained(info.get("name", ""), pre) if pre == "shapes" else pre
-    return resolved if resolved != pre else None
-
-
 def _fid_batches(loaded, prompts: list[str], n: int, seed: int, batch_size: int):
     g = torch.Generator().manual_seed(seed + 7_777_777)
     with torch.no_grad():
@@ -148,7 +135,7 @@ def run(a) -> dict:
     # Fail fast on missing standard Inception weights, before any generation.
     inception = fid_lib.InceptionFeatures(a.inception_weights, a.device) if "fid" in metrics else None
 
-    loaded = pretrained.load(a.ckpt, a.device, _resolve_training_clip(a.ckpt, a.clip_pretrained))
+    loaded = pretrained.load(a.ckpt, a.device, a.clip_pretrained)  # FrozenCLIP resolves the 'shapes' tag
     train_label = f"training CLIP {loaded.clip.name}:{loaded.state['clip'].get('pretrained')}"
     if a.eval_clip:
         from .metrics.clip_score import load_eval_clip
