@@ -397,7 +397,7 @@ class Trainer:
                   file=sys.stderr, flush=True)
         # SIGTERM (a scheduler's pre-emption, torchrun's shutdown): finish the step, checkpoint, exit.
         old = {s: signal.signal(s, self.request_stop) for s in (signal.SIGTERM,)}
-        t0, start_step, last = time.perf_counter(), self.step, {}
+        t0, start_images, last = time.perf_counter(), self.images_seen, {}
         batches = self._batches()
         try:
             while self.step < a.steps:
@@ -434,8 +434,7 @@ class Trainer:
         wall = time.perf_counter() - t0
         summary = {
             "variant": a.variant, "steps": self.step, "images_seen": self.images_seen,
-            "wall_s": round(wall, 2), "images_per_s": round((self.step - start_step) * a.batch_size
-                                                            * self.cfg.n_critic * self.dist.world_size / max(wall, 1e-9), 2),
+            "wall_s": round(wall, 2), "images_per_s": round((self.images_seen - start_images) / max(wall, 1e-9), 2),
             "device": str(self.device), "world_size": self.dist.world_size, "run_dir": self.out,
             "checkpoint": os.path.join(self.out, ckpt_lib.LATEST), **{k: round(v, 4) for k, v in last.items()},
         }
