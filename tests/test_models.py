@@ -337,3 +337,43 @@ def test_ref_impl_switches_spectral_norm_for_the_call(clip):
 def test_build_dispatches_ms_clip_gan(clip):
     pair = variants.build(variants.get("ms_clip_gan"), clip, img_size=64)
     assert not isinstance(pair, GALIPFamily) and isinstance(pair, variants.GANPair)
+
+
+@pytest.mark.parametrize("name", ["scad_mi", "scad_dd", "ms_clip_gan"])
+def test_fakes_generated_once_per_iteration_equal_the_separate_passes(clip, name):
+    """Training generates each iteration's fakes once (make_fake) and hands them to d_loss (detached)
+    and g_loss (with G's graph), as GALIP does: the losses and gradients equal those of d_loss/g_loss
+    generating the same fakes themselves (same z, and for MS-CLIP-GAN the same CA noise)."""
+    torch.manual_seed(0)
+    pair = variants.build(variants.get(name, ngf=8, ndf=8), clip)
+    pair.G.eval()  # MS-CLIP-GAN's BatchNorm: the same statistics in every pass
+    real, s, z = _batch()
+    d_state = copy.deepcopy(pair.D.state_dict())  # spectral norm's u/v advance in every training forward
+
+    def run(reuse):
+        pair.D.load_state_dict(d_state)
+        _zero_grads(pair.G, pair.D)
+        torch.manual_seed(5)
+        fake = pair.make_fake(z, s) if reuse else None
+        dl, _ = pair.d_loss(real, s, z, fake=fake)
+        dl.backward()
+        assert all(p.grad is None or not p.grad.abs().sum() for p in pair.G.parameters())  # D step: no G grads
+        gd = _grads(pair.D)
+        _zero_grads(pair.G, pair.D)
+        if not reuse:
+            torch.manual_seed(5)  # g_loss draws the CA noise again
+        gl, _ = pair.g_loss(s, z, fake=fake)
+        gl.backward()
+        return dl.detach(), gl.detach(), gd, _grads(pair.G)
+
+    d1, g1, gd1, gg1 = run(True)
+    d2, g2, gd2, gg2 = run(False)
+    torch.testing.assert_close(d1, d2)
+    torch.testing.assert_close(g1, g2)
+    for a, b in ((gd1, gd2), (gg1, gg2)):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert (a[k] is None) == (b[k] is None), k
+            if a[k] is not None:
+                torch.testing.assert_close(a[k], b[k], msg=k)
+    assert any(v is not None and v.abs().sum() > 0 for v in gg1.values())

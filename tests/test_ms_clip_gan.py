@@ -222,7 +222,7 @@ def test_kl_and_reparameterisation_match_the_formula(clip, text, ca_mode):
     eps = torch.randn(3, 16)
     c_hat, mu, logvar, kl = pair.G.condition(s_n, eps)
     fc = pair.G.ca.fc
-    a = s_n @ fc.weight.t() + fc.bias
+    a = (s_n * math.sqrt(s.shape[1])) @ fc.weight.t() + fc.bias  # CA reads s_n·√d_txt
     a = torch.relu(a) if ca_mode == "relu" else a[:, :32] * torch.sigmoid(a[:, 32:])
     mu_e, lv_e = a[:, :16], a[:, 16:]
     torch.testing.assert_close(mu, mu_e)
@@ -233,6 +233,33 @@ def test_kl_and_reparameterisation_match_the_formula(clip, text, ca_mode):
     # g_loss reports the same KL (it does not depend on ε) and the model normalises s itself
     _, st = pair.g_loss(s * 3.0, z)
     torch.testing.assert_close(st["kl"], kl_e)
+
+
+def test_text_share_definition_and_what_the_text_carries(clip):
+    """text_share = Σ Var_s μ / Σ (Var_s μ + E σ²), checked against a Monte Carlo of ĉ; the text's share
+    with the scaled input is far above the unit-norm input's (~0.1%: MS-CLIP-GAN ignored the prompt)."""
+    from scadfast.data.shapes import sample_prompts
+
+    caps = list(dict.fromkeys(sample_prompts(400, seed=3)))[:64]
+    with torch.no_grad():
+        s = clip.encode_text(clip.tokenize(caps)).float()
+    torch.manual_seed(0)
+    pair = build_ms_clip_gan(tiny_cfg(ca_mode="glu"), clip)
+    share = pair.text_share(s)
+    # Monte Carlo: ĉ for every caption under many ε; total variance vs the variance of the per-caption means.
+    s_n = s / s.norm(dim=1, keepdim=True)
+    with torch.no_grad():
+        c = torch.stack([pair.G.condition(s_n)[0] for _ in range(400)]).double()  # (R, B, E)
+    total = c.reshape(-1, c.shape[-1]).var(0, unbiased=False).sum()
+    between = c.mean(0).var(0, unbiased=False).sum()
+    assert abs(share - float(between / total)) < 0.02
+    unscaled = build_ms_clip_gan(tiny_cfg(ca_mode="glu"), clip)
+    unscaled.load_state_dict(pair.state_dict())
+    unscaled.G.s_scale = 1.0
+    assert unscaled.text_share(s) < share / 5
+    assert build_ms_clip_gan(tiny_cfg(cond_aug=False), clip).text_share(s) == 1.0
+    with pytest.raises(ValueError, match="text_share"):
+        pair.text_share(s[:1])
 
 
 def test_kl_weight_enters_g_loss(clip, text):
@@ -253,7 +280,7 @@ def test_without_cond_aug_kl_is_zero(clip, text):
     s_n = s / s.norm(dim=1, keepdim=True)
     c_hat, mu, logvar, kl = pair.G.condition(s_n)
     assert logvar is None and float(kl) == 0.0
-    torch.testing.assert_close(c_hat, pair.G.proj(s_n))
+    torch.testing.assert_close(c_hat, pair.G.proj(s_n * pair.G.s_scale))  # the same scaled input as CA
     assert c_hat is mu
 
 

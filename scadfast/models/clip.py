@@ -264,11 +264,13 @@ class FrozenCLIP(nn.Module):
         b = tokens_nld.shape[0]
         return tokens_nld[:, 1:].transpose(1, 2).reshape(b, self.width, self.grid, self.grid)
 
-    def image_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def image_features(self, x: torch.Tensor, pooled: bool = True):
         """Images in [-1, 1] → (feats (B, len(feature_blocks), width, g, g), emb (B, embed_dim)).
 
         ``feats`` are the patch tokens after each block in ``feature_blocks`` (D's input); ``emb``
         is the pooled image embedding after ``ln_post`` and ``proj`` (the generator's CLIP loss).
+        With ``pooled=False`` only ``feats`` is returned and the blocks after the last feature block
+        are not run (the discriminator step needs no embedding).
         """
         v = self.model.visual
         xin = self.to_clip_input(x).to(self.dtype)
@@ -278,10 +280,13 @@ class FrozenCLIP(nn.Module):
         if not bf:
             t = t.transpose(0, 1)
         feats = []
+        last = max(self.feature_blocks)
         for i, blk in enumerate(self._blocks()):
             t = blk(t)
             if i in self.feature_blocks:
                 feats.append(self._to_grid(t if bf else t.transpose(0, 1)))
+            if not pooled and i == last:
+                return torch.stack(feats, dim=1)
         if not bf:
             t = t.transpose(0, 1)
         pooled, _ = v._pool(t)

@@ -87,6 +87,11 @@ class GALIPFamily(nn.Module):
         """(B, z_dim), (B, d_txt) → images (B, 3, img_size, img_size), unbounded."""
         return self.G(z, s)
 
+    def make_fake(self, z: torch.Tensor, s: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+        """The fakes of one training iteration, with G's graph, to hand to :meth:`d_loss` (which
+        detaches them) and then to :meth:`g_loss` — one G forward per iteration, as GALIP trains."""
+        return self.G(z, s)
+
     @contextlib.contextmanager
     def _sn_impl(self, impl: str):
         """With ``impl="ref"``, run D's spectral norms with the reference power iteration."""
@@ -141,28 +146,32 @@ class GALIPFamily(nn.Module):
         return self.cfg.gp_weight * sq.pow(self.cfg.gp_power / 2).mean()
 
     # -- losses -----------------------------------------------------------------------------------
-    def d_loss(self, real: torch.Tensor, s: torch.Tensor, z: torch.Tensor, impl: str = "auto"):
+    def d_loss(self, real: torch.Tensor, s: torch.Tensor, z: torch.Tensor, impl: str = "auto",
+               fake: torch.Tensor | None = None):
         """Discriminator loss (module doc). ``real`` (B, 3, H, W) in [-1, 1]; ``s`` (B, d_txt); ``z`` (B, z_dim).
 
-        Returns ``(loss, stats)``; ``stats`` holds detached scalar tensors.
+        ``fake``: this iteration's :meth:`make_fake` output (used detached); generated from ``z``
+        without gradients when None. Returns ``(loss, stats)``; ``stats`` holds detached scalar tensors.
         """
         with self._sn_impl(impl):
-            return self._d_loss(real, s, z, impl)
+            return self._d_loss(real, s, z, impl, fake)
 
-    def g_loss(self, s: torch.Tensor, z: torch.Tensor, impl: str = "auto"):
-        """Generator loss (module doc). Returns ``(loss, stats)`` with detached scalar stats."""
+    def g_loss(self, s: torch.Tensor, z: torch.Tensor, impl: str = "auto", fake: torch.Tensor | None = None):
+        """Generator loss (module doc); ``fake`` as in :meth:`d_loss` but with its graph (G is
+        trained through it), generated from ``z`` when None. Returns ``(loss, stats)``."""
         with self._sn_impl(impl):
-            return self._g_loss(s, z, impl)
+            return self._g_loss(s, z, impl, fake)
 
-    def _d_loss(self, real, s, z, impl):
+    def _d_loss(self, real, s, z, impl, fake):
         cfg, clip, D = self.cfg, self.clip, self.D
         b = real.shape[0]
         if s.shape[0] != b or z.shape[0] != b:
             raise ValueError(f"d_loss: real, s and z must share the batch size, got {real.shape[0]}, {s.shape[0]}, {z.shape[0]}")
         with torch.no_grad():
-            fake = self.G(z, s)
-            feats_f, _ = clip.image_features(fake)
-            feats_r, _ = clip.image_features(real)
+            fake = self.G(z, s) if fake is None else fake.detach()
+            # Real and fake through CLIP in one batch; D reads only the feature blocks.
+            feats = clip.image_features(torch.cat([real.to(fake.dtype), fake]), pooled=False)
+            feats_r, feats_f = feats[:b], feats[b:]
         s = s.detach()
         # The penalty differentiates D's output, so it is skipped when autograd is off (evaluation).
         do_gp = cfg.gp_weight > 0 and self.d_steps % cfg.gp_every == 0 and torch.is_grad_enabled()
@@ -204,9 +213,10 @@ class GALIPFamily(nn.Module):
         stats["d_loss"] = loss.detach()
         return loss, stats
 
-    def _g_loss(self, s, z, impl):
+    def _g_loss(self, s, z, impl, fake):
         cfg, clip, D = self.cfg, self.clip, self.D
-        fake = self.G(z, s)
+        if fake is None:
+            fake = self.G(z, s)
         feats, emb = clip.image_features(fake)
         t = D.trunk(feats)
         _, f = self._semantic(t, s, impl)

@@ -215,6 +215,10 @@ class MSGenerator(nn.Module):
         self.sizes, k, n_up = stage_sizes(img_size)
         self.d_txt, self.z_dim, self.ca_dim, self.ca_mode = d_txt, z_dim, ca_dim, ca_mode
         self.use_cond_aug, self.tanh = use_cond_aug, tanh
+        # [ours] CA reads s_n·√d_txt (unit RMS per dimension) rather than the unit-norm s_n: with
+        # entries ~1/√d_txt, μ = Linear(s_n) at default init has ~1/√d_txt the scale of σ ≈ 1, and the
+        # text explains well under 1% of ĉ's variance (see MSCLIPGAN.text_share).
+        self.s_scale = math.sqrt(d_txt)
         if use_cond_aug:
             self.ca = CondAug(d_txt, ca_dim, mode=ca_mode)
         else:
@@ -230,13 +234,14 @@ class MSGenerator(nn.Module):
         ``eps`` (B, E) is the reparameterisation noise; drawn with ``torch.randn`` when None (drawn
         here, not inside the op, so every ``impl`` sees the same noise for the same RNG state).
         """
+        s_in = s_n * self.s_scale
         if not self.use_cond_aug:
-            mu = self.proj(s_n)
+            mu = self.proj(s_in)
             return mu, mu, None, mu.new_zeros((), dtype=torch.float32)
         if eps is None:
             eps = torch.randn(s_n.shape[0], self.ca_dim, device=s_n.device, dtype=s_n.dtype)
         fc = self.ca.fc
-        return cond_aug(s_n, fc.weight, fc.bias, eps=eps, mode=self.ca_mode, impl=impl)
+        return cond_aug(s_in, fc.weight, fc.bias, eps=eps, mode=self.ca_mode, impl=impl)
 
     def forward(self, z: torch.Tensor, c_hat: torch.Tensor) -> list[torch.Tensor]:
         h0 = self.stage0(torch.cat([c_hat.to(z.dtype), z], dim=1))
@@ -400,6 +405,26 @@ class MSCLIPGAN(nn.Module):
         """Final-stage image (B, 3, S, S), unbounded unless built with ``g_tanh=True``."""
         return self.generate_all(z, s, eps, impl)[0][-1]
 
+    @torch.no_grad()
+    def text_share(self, s: torch.Tensor) -> float:
+        """The share of ĉ's variance that the text explains, over the captions ``s`` (B, d_txt) and the
+        CA noise: ``Σ_d Var_s(μ_d) / Σ_d (Var_s(μ_d) + E_s[σ_d²])`` (1 without CA, → 0 when ĉ is noise).
+
+        By the law of total variance ``Var(ĉ_d) = Var_s(μ_d) + E_s[σ_d²]``; the first term is what
+        the prompt decides. Pass many distinct captions' embeddings (B ≥ 2).
+        """
+        if s.ndim != 2 or s.shape[0] < 2:
+            raise ValueError(f"text_share: need (B >= 2, d_txt) caption embeddings, got {tuple(s.shape)}")
+        _, mu, logvar, _ = self.G.condition(_normalize(s.float()), torch.zeros(s.shape[0], self.cfg.ca_dim, device=s.device))
+        between = mu.double().var(0, unbiased=False).sum()
+        within = logvar.double().exp().mean(0).sum() if logvar is not None else 0.0
+        return float(between / (between + within))
+
+    def make_fake(self, z, s, impl="auto"):
+        """One iteration's fakes with G's graph, ``(images, condition)`` as :meth:`generate_all`
+        returns them, to hand to :meth:`d_loss` (used detached) and then :meth:`g_loss`."""
+        return self.generate_all(z, s, None, impl)
+
     def real_pyramid(self, real):
         """``real`` resized (antialiased bilinear) to the three stage sizes; same-size levels pass through."""
         out = []
@@ -412,18 +437,22 @@ class MSCLIPGAN(nn.Module):
 
     # -- losses --------------------------------------------------------------------------------
 
-    def d_loss(self, real, s, z, impl="auto"):
+    def d_loss(self, real, s, z, impl="auto", fake=None):
         """Discriminator loss (see the module docstring) and detached stats.
 
         ``real`` (B, 3, H, W) in [-1, 1] at any size (resized per scale), ``s`` (B, d_txt), ``z``
-        (B, z_dim). Fakes and μ come from G under ``no_grad``; G receives no gradient.
+        (B, z_dim). Fakes and μ come from ``fake`` (:meth:`make_fake`, used detached) or from G under
+        ``no_grad``; G receives no gradient.
         """
         self._check("MSCLIPGAN.d_loss", s=s, z=z, real=real, impl=impl)
         cfg = self.cfg
         s_n = _normalize(s)
         with torch.no_grad():
-            c_hat, mu, _, _ = self.G.condition(s_n, None, impl)
-            fakes = self.G(z, c_hat)
+            if fake is None:
+                c_hat, mu, _, _ = self.G.condition(s_n, None, impl)
+                fakes = self.G(z, c_hat)
+            else:
+                fakes, mu = [x.detach() for x in fake[0]], fake[1][1]
         mu = mu.detach()
         mu_wrong = mu.roll(1, 0)
         # Mismatched pairs (x_r, μ̃): drop those whose rolled caption equals the own caption.
@@ -462,17 +491,17 @@ class MSCLIPGAN(nn.Module):
         stats["d_loss"] = total.detach()
         return total, stats
 
-    def g_loss(self, s, z, impl="auto", real=None):
+    def g_loss(self, s, z, impl="auto", real=None, fake=None):
         """Generator loss (see the module docstring) and detached stats.
 
-        ``real`` is needed only when a perceptual network was given. Gradients also reach D's
-        parameters; the training engine steps only G's optimiser (and may freeze D meanwhile).
+        ``real`` is needed only when a perceptual network was given; ``fake`` as in :meth:`d_loss`
+        (with its graph). Gradients also reach D's parameters; the training engine steps only G's
+        optimiser (and may freeze D meanwhile).
         """
         self._check("MSCLIPGAN.g_loss", s=s, z=z, real=real, impl=impl)
         cfg = self.cfg
         s_n = _normalize(s)
-        c_hat, mu, _, kl = self.G.condition(s_n, None, impl)
-        fakes = self.G(z, c_hat)
+        fakes, (c_hat, mu, _, kl) = fake if fake is not None else self.generate_all(z, s, None, impl)
         total = s.new_zeros((), dtype=torch.float32)
         stats = {}
         for i, (Di, xf) in enumerate(zip(self.D.stages, fakes)):
