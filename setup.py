@@ -95,6 +95,7 @@ setup(
         "pillow>=9",
         "pyyaml>=6",
         "tensorboard>=2.14",
+        "matplotlib>=3.7",  # learning-curve PNGs
         "ninja",
         "pybind11>=2.10",
     ],

@@ -28,7 +28,7 @@ def load(path: str, device: str | torch.device | None = None, clip_pretrained: s
     """Rebuild the pair recorded in checkpoint ``path`` (a file or a run directory) on ``device``.
 
     The CLIP is rebuilt from the name and weights recorded at training time; pass ``clip_pretrained``
-    if the weights file has moved.
+    if the weights file has moved. ``pair.G`` holds the EMA generator when the run kept one.
     """
     from .models.clip import FrozenCLIP
 
@@ -42,7 +42,8 @@ def load(path: str, device: str | torch.device | None = None, clip_pretrained: s
     clip_info = state["clip"]
     clip = FrozenCLIP(clip_info["name"], pretrained=clip_pretrained or clip_info.get("pretrained"), device=device)
     pair = variants.build(cfg, clip, img_size=state["image_size"]).to(device)
-    pair.G.load_state_dict(state["G"])
+    # The EMA generator (--ema-kimg) is the one to sample from, as in StyleGAN; G itself otherwise.
+    pair.G.load_state_dict(state.get("G_ema") or state["G"])
     pair.D.load_state_dict(state["D"])
     pair.G.eval()
     pair.D.eval()

@@ -30,6 +30,7 @@ class Progress:
         self.t0 = time.perf_counter()
         self.last_t, self.last_step, self.images = self.t0, start_step, 0
         self.writer = None
+        self.latest_metrics: dict = {}
         if enabled and log_dir:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -50,6 +51,9 @@ class Progress:
         if self.enabled:
             shown = [k for k in self.console_keys if k in scalars] or list(scalars)[:4]
             losses = " ".join(f"{k.split('/')[-1]}={scalars[k]:.4g}" for k in shown)
+            if self.latest_metrics:
+                m = self.latest_metrics
+                losses += f" | align={m['alignment']:.3f}@{m['step']}"
             pct = 100.0 * step / max(self.total, 1)
             print(f"step {step}/{self.total} ({pct:5.1f}%) | {ips:7.1f} img/s | {losses} | "
                   f"elapsed {format_seconds(now - self.t0)} ETA {format_seconds(eta)}",
@@ -58,6 +62,24 @@ class Progress:
                 for k, v in info.items():
                     self.writer.add_scalar(k, v, step)
         return info
+
+    def metrics(self, step: int, record: dict) -> None:
+        """A learning-curve snapshot: one console line, ``eval/*`` scalars in TensorBoard; the progress
+        line shows its alignment from now on."""
+        self.latest_metrics = {"step": step, **{k: v for k, v in record.items() if k != "step"}}
+        if not self.enabled:
+            return
+        per = record.get("alignment_per_attribute", {})
+        print(f"eval step {step} | alignment {record['alignment']:.3f} ("
+              + " ".join(f"{k} {v:.2f}" for k, v in per.items())
+              + f") | coverage {record['coverage']:.3f} (ceiling {record['coverage_ideal']:.2f}) | "
+              f"mPPD {record['mppd']:.3f} | CLIP score {record['clip_score']:.1f} | {record['eval_seconds']:.0f}s",
+              file=self.stream, flush=True)
+        if self.writer is not None:
+            for k in ("alignment", "coverage", "mppd", "clip_score"):
+                self.writer.add_scalar(f"eval/{k}", record[k], step)
+            for k, v in per.items():
+                self.writer.add_scalar(f"eval/alignment_{k}", v, step)
 
     def image(self, tag: str, grid_hwc, step: int) -> None:
         if self.writer is not None:

@@ -12,6 +12,7 @@ One training iteration = ``n_critic`` discriminator steps and one generator step
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -36,8 +37,14 @@ DEFAULTS = dict(
     data="shapes", shapes_n=2000, clip="scadfast-tiny", clip_pretrained=None, image_size=None,
     batch_size=16, steps=600, precision=None, compile=None, impl="auto", seed=0, out=None,
     resume=False, log_every=25, sample_every=200, ckpt_every=200, keep_ckpts=3, device=None,
-    cache_dir=None, sample_prompts=8, sample_noise=8,
+    cache_dir=None, sample_prompts=8, sample_noise=8, eval_every=0, eval_prompts=16, eval_n=16, ema_kimg=0.0,
+    ema_rampup=0.05,
 )
+
+
+# What the embedded default (scadfast-tiny on shapes) sets on top of DEFAULTS: learning curves on and
+# an EMA generator (README, "Results on the embedded default", says what each was measured to do).
+EMBEDDED = dict(eval_every=100, ema_kimg=2.0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-ckpts", type=int, default=S, help="numbered checkpoints kept (default 3)")
     g.add_argument("--sample-prompts", type=int, default=S, help="rows (distinct prompts) of the sample grid (default 8)")
     g.add_argument("--sample-noise", type=int, default=S, help="columns (fixed noise vectors) of the sample grid (default 8)")
+    g.add_argument("--eval-every", type=int, default=S,
+                   help="steps between learning-curve snapshots on held-out shapes prompts (alignment, coverage, "
+                        "mPPD, CLIP score → curves.jsonl, TensorBoard, curves.png); 0 = off (default: on for the "
+                        "embedded default)")
+    g.add_argument("--eval-prompts", type=int, default=S, help="held-out prompts per snapshot (default 16)")
+    g.add_argument("--eval-n", type=int, default=S, help="images per held-out prompt per snapshot (default 16)")
+    g.add_argument("--ema-kimg", type=float, default=S,
+                   help="half-life of the EMA copy of G in thousands of images (samples, snapshots and checkpoints' "
+                        "G_ema); 0 = off (default off; on for the embedded default)")
+    g.add_argument("--ema-rampup", type=float, default=S,
+                   help="EMA half-life at most this fraction of the images seen so far (StyleGAN's ramp-up); 0 = off")
     g = p.add_argument_group("data and CLIP")
     g.add_argument("--data", default=S, help="shapes | coco:PATH | folder:PATH | wds:PATTERN (default shapes)")
     g.add_argument("--shapes-n", type=int, default=S, help="images in the generated shapes set (default 2000)")
@@ -131,6 +149,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         # at 64 px; measured on the idle 2-core CI machine, scad_mi took 13 min 53 s (11.6 img/s).
         switches.setdefault("ngf", 32)
         switches.setdefault("ndf", 32)
+        for k, v in EMBEDDED.items():
+            if k not in given and k not in from_file and (k != "eval_every" or merged["data"].startswith("shapes")):
+                merged[k] = v
     merged["cfg"] = cfg.replace(**switches)
     merged["variant"] = ns.variant
     args = argparse.Namespace(**merged)
@@ -163,9 +184,16 @@ def load_config(path: str, parser) -> dict:
 
 
 def _validate(a) -> None:
-    for name in ("steps", "batch_size", "log_every", "sample_every", "ckpt_every", "shapes_n"):
+    for name in ("steps", "batch_size", "log_every", "sample_every", "ckpt_every", "shapes_n", "eval_prompts"):
         if getattr(a, name) is not None and getattr(a, name) <= 0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be positive, got {getattr(a, name)}")
+    if a.eval_every < 0 or a.eval_n < 2:
+        raise SystemExit(f"error: --eval-every must be >= 0 and --eval-n >= 2, got {a.eval_every}, {a.eval_n}")
+    if a.eval_every and not a.data.startswith("shapes"):
+        raise SystemExit(f"error: --eval-every scores held-out shapes prompts and needs --data shapes "
+                         f"(got {a.data!r}); pass --eval-every 0")
+    if a.ema_kimg < 0 or a.ema_rampup < 0:
+        raise SystemExit(f"error: --ema-kimg and --ema-rampup must be >= 0, got {a.ema_kimg}, {a.ema_rampup}")
     if a.cfg.n_critic < 1:
         raise SystemExit("error: --n-critic must be >= 1")
     if a.cfg.gp_every < 1:
@@ -217,6 +245,8 @@ class Trainer:
         self.opt_g = torch.optim.Adam(self.pair.G.parameters(), lr=self.cfg.lr_g, betas=self.cfg.betas, fused=fused)
         self.opt_d = torch.optim.Adam(self.pair.D.parameters(), lr=self.cfg.lr_d, betas=self.cfg.betas, fused=fused)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        # EMA copy of G (StyleGAN practice): what samples, snapshots and `sample`/`evaluate` use.
+        self.g_ema = copy.deepcopy(self.pair.G).eval().requires_grad_(False) if args.ema_kimg > 0 else None
         if self.compile:
             self._compile()
         self.step, self.images_seen = 0, 0
@@ -227,6 +257,7 @@ class Trainer:
         idx = [self.loader.captions.index(p) for p in prompts]
         self.sample_s = self.text_emb[idx].repeat_interleave(args.sample_noise, 0)
         self.sample_z = torch.randn(args.sample_noise, self.cfg.z_dim, generator=gen).repeat(len(prompts), 1).to(self.device)
+        self.evaluator = self._make_evaluator() if args.eval_every and self.is_main else None
 
     # -- setup helpers ----------------------------------------------------------------------------
     def _cache_dir(self) -> str:
@@ -245,6 +276,12 @@ class Trainer:
             device_id=(self.device.index or 0) if self.device.type == "cuda" else None,
             rank=self.dist.rank, world_size=self.dist.world_size, seed=a.seed,
         )
+
+    def _make_evaluator(self):
+        from .metrics.curves import SnapshotEvaluator, heldout_prompts
+
+        prompts = heldout_prompts(self.args.eval_prompts, exclude=self.loader.captions)
+        return SnapshotEvaluator(self.clip, prompts, self.cfg.z_dim, self.args.eval_n, seed=self.args.seed)
 
     def _compile(self):
         """Compile the generator and the discriminator parts that never see a double backward.
@@ -269,6 +306,7 @@ class Trainer:
             "clip": {"name": self.args.clip, "pretrained": self.args.clip_pretrained},
             "image_size": self.image_size, "data": self.args.data,
             "G": self.pair.G.state_dict(), "D": self.pair.D.state_dict(),
+            "G_ema": self.g_ema.state_dict() if self.g_ema is not None else None,
             "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
             "scaler": self.scaler.state_dict(),
             "images_seen": self.images_seen, "data_position": self.loader.state_dict(),
@@ -291,6 +329,8 @@ class Trainer:
                 f"this run uses {self.args.clip} at {self.image_size} px")
         self.pair.G.load_state_dict(state["G"])
         self.pair.D.load_state_dict(state["D"])
+        if self.g_ema is not None:
+            self.g_ema.load_state_dict(state.get("G_ema") or state["G"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
         self.scaler.load_state_dict(state["scaler"])
@@ -334,32 +374,84 @@ class Trainer:
         self.scaler.update()
 
     def train_step(self, batches):
-        cfg, impl = self.cfg, self.args.impl
+        """``n_critic`` D steps, then one G step on the last D step's fakes (generated once, with G's
+        graph: GALIP's loop), then the EMA update."""
+        cfg, impl, pair = self.cfg, self.args.impl, self.pair
         stats = {}
-        for _ in range(cfg.n_critic):
+        for i in range(cfg.n_critic):
             real, s = next(batches)
             z = torch.randn(real.shape[0], cfg.z_dim, device=self.device)
             with self._autocast():
-                d_loss, d_stats = self.pair.d_loss(real, s, z, impl=impl)
-            self._opt_step(d_loss, self.opt_d, list(self.pair.D.parameters()))
+                fake = pair.make_fake(z, s, impl=impl) if i == cfg.n_critic - 1 else None
+                d_loss, d_stats = pair.d_loss(real, s, z, impl=impl, fake=fake)
+            self._opt_step(d_loss, self.opt_d, list(pair.D.parameters()))
             self.images_seen += real.shape[0] * self.dist.world_size
-        z = torch.randn(real.shape[0], cfg.z_dim, device=self.device)
         with self._autocast():
-            g_loss, g_stats = self.pair.g_loss(s, z, impl=impl)
-        self._opt_step(g_loss, self.opt_g, list(self.pair.G.parameters()))
+            g_loss, g_stats = pair.g_loss(s, z, impl=impl, fake=fake)
+        self._opt_step(g_loss, self.opt_g, list(pair.G.parameters()))
+        if self.g_ema is not None:
+            self._update_ema(real.shape[0] * self.dist.world_size)
         stats.update({"d_loss": d_loss.detach(), "g_loss": g_loss.detach()})
         stats.update({f"d/{k}": v for k, v in d_stats.items()})
         stats.update({f"g/{k}": v for k, v in g_stats.items()})
         return stats
 
     @torch.no_grad()
+    def _update_ema(self, batch: int) -> None:
+        """``ema ← β·ema + (1 − β)·G`` with ``β = 0.5^(batch / half-life)``; the half-life is
+        ``ema_kimg`` thousand images, at most ``ema_rampup`` × the images seen so far."""
+        half = self.args.ema_kimg * 1000.0
+        if self.args.ema_rampup > 0:
+            half = min(half, self.images_seen * self.args.ema_rampup)
+        beta = 0.5 ** (batch / max(half, 1e-8))
+        ema_p, p = list(self.g_ema.parameters()), list(self.pair.G.parameters())
+        torch._foreach_lerp_(ema_p, p, 1.0 - beta)
+        for be, b in zip(self.g_ema.buffers(), self.pair.G.buffers()):
+            be.copy_(b)
+
+    def generate(self, z: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """Images from the EMA generator when there is one (else G), under the run's autocast."""
+        G = self.pair.G
+        with self._autocast():
+            if self.g_ema is None:
+                return self.pair.generate(z, s)
+            self.pair.G = self.g_ema  # the pair's own generate (MS-CLIP-GAN conditions inside it)
+            try:
+                return self.pair.generate(z, s)
+            finally:
+                self.pair.G = G
+
+    @torch.no_grad()
+    def snapshot(self, progress: Progress) -> dict | None:
+        """Score the (EMA) generator on the held-out prompts; append to curves.jsonl, TensorBoard."""
+        from .metrics.curves import append_jsonl
+
+        if self.evaluator is None:
+            return None
+        rec = {"step": self.step, "images_seen": self.images_seen, **self.evaluator(self.generate)}
+        append_jsonl(os.path.join(self.out, "curves.jsonl"), rec)
+        progress.metrics(self.step, rec)
+        return rec
+
+    def plot_curves(self) -> str | None:
+        from .metrics.curves import plot_curves, read_jsonl
+
+        path = os.path.join(self.out, "curves.jsonl")
+        if self.evaluator is None or not os.path.isfile(path):
+            return None
+        return plot_curves({self.args.variant: read_jsonl(path)}, os.path.join(self.out, "curves.png"),
+                           title=f"{self.args.variant}: held-out shapes prompts ({self.out})")
+
+    @torch.no_grad()
     def write_samples(self, progress: Progress) -> str | None:
         if not self.is_main:
             return None
+        from .metrics.curves import isolated_rng
+
         imgs = []
-        for i in range(0, self.sample_z.shape[0], 64):
-            with self._autocast():
-                imgs.append(self.pair.generate(self.sample_z[i:i + 64], self.sample_s[i:i + 64]).float())
+        with isolated_rng(self.device, self.args.seed):  # MS-CLIP-GAN draws CA noise inside generate
+            for i in range(0, self.sample_z.shape[0], 64):
+                imgs.append(self.generate(self.sample_z[i:i + 64], self.sample_s[i:i + 64]).float())
         imgs = torch.cat(imgs)
         path = save_grid(imgs, os.path.join(self.out, "samples", f"step-{self.step:08d}.png"), nrow=self.args.sample_noise)
         save_grid(imgs, os.path.join(self.out, "samples", "latest.png"), nrow=self.args.sample_noise)
@@ -399,6 +491,8 @@ class Trainer:
         old = {s: signal.signal(s, self.request_stop) for s in (signal.SIGTERM,)}
         t0, start_images, last = time.perf_counter(), self.images_seen, {}
         batches = self._batches()
+        if self.evaluator is not None and self.step == 0:
+            self.snapshot(progress)  # the curve starts at initialisation
         try:
             while self.step < a.steps:
                 stats = self.train_step(batches)
@@ -417,10 +511,12 @@ class Trainer:
                     last = vals
                     if log_now:
                         progress.log(self.step, self.images_seen, vals)
-                if self.step % a.sample_every == 0 or self.step == a.steps:
-                    self.write_samples(progress)
                 if ckpt_now:
                     self.save()
+                if a.eval_every and (self.step % a.eval_every == 0 or self.step == a.steps):
+                    self.snapshot(progress)
+                if self.step % a.sample_every == 0 or self.step == a.steps:
+                    self.write_samples(progress)
                 if self._stop_requested:
                     raise _Stop()
         except _Stop:
@@ -432,12 +528,16 @@ class Trainer:
                 signal.signal(s, h)
             progress.close()
         wall = time.perf_counter() - t0
+        curves_png = self.plot_curves() if self.is_main else None
         summary = {
             "variant": a.variant, "steps": self.step, "images_seen": self.images_seen,
             "wall_s": round(wall, 2), "images_per_s": round((self.images_seen - start_images) / max(wall, 1e-9), 2),
             "device": str(self.device), "world_size": self.dist.world_size, "run_dir": self.out,
             "checkpoint": os.path.join(self.out, ckpt_lib.LATEST), **{k: round(v, 4) for k, v in last.items()},
         }
+        if progress.latest_metrics:
+            summary["eval"] = progress.latest_metrics
+            summary["curves"] = curves_png
         if self.is_main:
             with open(os.path.join(self.out, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)

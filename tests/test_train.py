@@ -18,7 +18,10 @@ from scadfast import checkpoint as ckpt_lib
 from scadfast import train, variants
 
 TINY = ["--shapes-n", "48", "--batch-size", "4", "--log-every", "1", "--sample-every", "2",
-        "--ngf", "16", "--ndf", "16", "--device", "cpu", "--sample-prompts", "2", "--sample-noise", "2"]
+        "--ngf", "16", "--ndf", "16", "--device", "cpu", "--sample-prompts", "2", "--sample-noise", "2",
+        "--eval-every", "0"]
+# Learning-curve snapshots at a tiny size (2 held-out prompts × 2 images).
+EVAL = ["--eval-every", "2", "--eval-prompts", "2", "--eval-n", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +64,7 @@ def test_every_variant_trains_and_leaves_artifacts(variant, cache, tmp_path):
 
 def _params(path):
     s = ckpt_lib.load(path)
-    return s["G"], s["D"], s["opt_g"]["state"], s["opt_d"]["state"]
+    return s["G"], s["D"], s["G_ema"], s["opt_g"]["state"], s["opt_d"]["state"]
 
 
 def _assert_bitwise_equal(a, b, what=""):
@@ -81,7 +84,9 @@ def _assert_bitwise_equal(a, b, what=""):
 
 def test_resume_after_sigkill_is_bitwise_identical(cache, tmp_path):
     steps = ["--steps", "10", "--ckpt-every", "2", "--keep-ckpts", "10"]
-    base = ["--variant", "scad_mi", "--seed", "3", "--gp-every", "3", *TINY]  # lazy GP: its counter must resume
+    # Lazy GP (its counter must resume), the EMA generator and learning-curve snapshots (which must not
+    # touch the training RNG) are all on.
+    base = ["--variant", "scad_mi", "--seed", "3", "--gp-every", "3", *TINY, *EVAL, "--ema-kimg", "1"]
     a = _run([*base, *steps, "--out", str(tmp_path / "a")], cache)
     assert a.returncode == 0, a.stderr[-3000:]
 
@@ -114,6 +119,48 @@ def test_ddp_two_cpu_ranks_stay_in_sync_and_checkpoint_loads_single_process(cach
     # The single-process run continues the DDP checkpoint.
     rc = train.main(["--variant", "scad", "--steps", "4", "--ckpt-every", "4", "--out", out, "--resume", *TINY])
     assert rc == 0 and ckpt_lib.load(out)["step"] == 4
+
+
+def test_eval_every_writes_learning_curve_and_does_not_change_training(cache, tmp_path):
+    from scadfast.metrics.curves import read_jsonl
+
+    common = ["--variant", "scad", "--steps", "4", "--ckpt-every", "4", "--ema-kimg", "1", *TINY]
+    a, b = str(tmp_path / "with_eval"), str(tmp_path / "without")
+    assert train.main([*common, "--out", a, *EVAL]) == 0
+    assert train.main([*common, "--out", b]) == 0
+    recs = read_jsonl(os.path.join(a, "curves.jsonl"))
+    assert [r["step"] for r in recs] == [0, 2, 4]  # initialisation, every 2 steps, the end
+    for r in recs:
+        for k in ("alignment", "coverage", "coverage_ideal", "mppd", "clip_score", "images_seen"):
+            assert isinstance(r[k], (int, float)) and r[k] == r[k], k
+        assert 0.0 <= r["alignment"] <= 1.0 and 0.0 <= r["coverage"] <= 1.0
+        assert set(r["alignment_per_attribute"]) <= {"shape", "color", "size", "position", "background"}
+        assert "shape" in r["alignment_per_attribute"]  # every shapes caption names the shape
+        assert r["n_prompts"] == 2 and r["n_per_prompt"] == 2
+    assert os.path.getsize(os.path.join(a, "curves.png")) > 1000
+    summary = json.load(open(os.path.join(a, "summary.json")))
+    assert summary["eval"]["step"] == 4 and summary["eval"]["alignment"] == recs[-1]["alignment"]
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(a, "tb")))
+    assert not os.path.exists(os.path.join(b, "curves.jsonl"))
+    # Evaluation never feeds training: both runs end bitwise identical.
+    _assert_bitwise_equal(_params(a), _params(b), "state")
+
+
+def test_eval_prompts_are_held_out():
+    from scadfast.data.shapes import free_attributes, sample_prompts
+    from scadfast.metrics.curves import heldout_prompts
+
+    train_caps = sample_prompts(2000, seed=0)
+    held = heldout_prompts(16, exclude=train_caps)
+    assert len(set(held)) == 16 and not set(held) & set(train_caps)
+    assert all(free_attributes(p) for p in held)
+    assert held == heldout_prompts(16, exclude=train_caps)  # deterministic
+
+
+def test_eval_every_needs_shapes_data(tmp_path):
+    with pytest.raises(SystemExit, match="--eval-every"):
+        train.parse_args(["--variant", "galip", "--data", f"folder:{tmp_path}", "--eval-every", "5"])
+    assert train.parse_args(["--variant", "galip", "--data", f"folder:{tmp_path}"]).eval_every == 0  # default off there
 
 
 # ---- bad input ------------------------------------------------------------------------------

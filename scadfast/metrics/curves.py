@@ -1,0 +1,208 @@
+"""Learning curves: the shapes metrics and CLIP score of a training run at snapshots (``--eval-every``).
+
+:class:`SnapshotEvaluator` scores a generator on a fixed set of **held-out prompts** — captions of the
+shapes grammar that are not training captions, each leaving at least one attribute free — with a
+fixed noise vector per column (image ``j`` of every prompt uses noise ``j``), so two snapshots differ
+only by the weights. Per snapshot it gives:
+
+* ``alignment`` and ``alignment_per_attribute`` (ground truth from the shipped attribute classifier),
+* ``coverage`` of the free attributes with its ``coverage_ideal`` ceiling at this N,
+* ``mppd``: mean pairwise cosine distance of each prompt's images in the training CLIP's image
+  embedding (the offline fallback backbone of ``evaluate``'s PPD; a diversity number for the curve),
+* ``clip_score``: 100·cos under the training CLIP.
+
+Evaluation never feeds training: it runs under ``no_grad`` with its own noise generator and never
+touches the global RNG, so a run with snapshots is bitwise the run without them.
+
+:func:`append_jsonl` / :func:`read_jsonl` keep one JSON object per snapshot; :func:`plot_curves`
+draws one or several runs' curves into a PNG (matplotlib, Agg backend).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from typing import Callable, Dict, Iterable, List, Mapping, Sequence
+
+import torch
+
+from ..data import shapes as shp
+
+__all__ = ["HELDOUT_SEED", "heldout_prompts", "SnapshotEvaluator", "append_jsonl", "read_jsonl", "plot_curves",
+           "isolated_rng"]
+
+#: Seed of the held-out prompt draw (the shapes training sets use seed 0; prompts that are training
+#: captions are excluded whatever the seed).
+HELDOUT_SEED = 9_001
+
+
+def heldout_prompts(n: int, exclude: Iterable[str] = (), seed: int = HELDOUT_SEED) -> List[str]:
+    """``n`` distinct shapes captions that are not in ``exclude`` and leave at least one attribute free.
+
+    Drawn from the data set's caption distribution with ``seed``; deterministic.
+    """
+    if n < 1:
+        raise ValueError(f"heldout_prompts: n must be >= 1, got {n}")
+    exclude = set(exclude)
+    out: List[str] = []
+    for p in dict.fromkeys(shp.sample_prompts(max(100 * n, 5000), seed=seed)):
+        if p not in exclude and shp.free_attributes(p):
+            out.append(p)
+            if len(out) == n:
+                return out
+    raise ValueError(f"heldout_prompts: only {len(out)} held-out prompts found, {n} asked for")
+
+
+class SnapshotEvaluator:
+    """Scores ``generate(z, s) -> images`` on held-out prompts (module doc).
+
+    Args:
+        clip: the training :class:`~scadfast.models.clip.FrozenCLIP` (text embeddings, CLIP score, mPPD).
+        prompts: the held-out prompts (:func:`heldout_prompts`).
+        z_dim: noise size of the generator.
+        n_per_prompt: images per prompt (>= 2).
+        seed: seed of the fixed noise.
+        classifier: the shapes attribute classifier (default: the shipped one).
+        batch_size: generation batch.
+    """
+
+    def __init__(self, clip, prompts: Sequence[str], z_dim: int, n_per_prompt: int = 16, seed: int = 0,
+                 classifier=None, batch_size: int = 64):
+        if n_per_prompt < 2:
+            raise ValueError(f"SnapshotEvaluator: n_per_prompt must be >= 2, got {n_per_prompt}")
+        self.clip, self.prompts = clip, list(prompts)
+        self.n, self.batch_size, self.seed = int(n_per_prompt), int(batch_size), int(seed)
+        dev = clip.device
+        with torch.no_grad():
+            self.s = clip.encode_text(clip.tokenize(self.prompts)).float()
+        g = torch.Generator().manual_seed(int(seed) + 424_242)
+        self.z = torch.randn(self.n, z_dim, generator=g).to(dev)
+        if classifier is None:
+            from ..shapes_classifier import load, shipped_path
+
+            with isolated_rng(dev, seed):  # building the module draws its (then overwritten) init weights
+                classifier = load(shipped_path(), device=dev)
+        self.classifier = classifier.eval()
+
+    @torch.no_grad()
+    def __call__(self, generate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> dict:
+        with isolated_rng(self.clip.device, self.seed):  # e.g. MS-CLIP-GAN draws its CA noise inside generate
+            return self._score(generate)
+
+    def _score(self, generate):
+        import torch.nn.functional as F
+
+        from .ppd import mean_pairwise_distance
+        from .shapes_truth import ShapesTruthScorer
+
+        t0 = time.perf_counter()
+        shapes = ShapesTruthScorer(self.classifier, self.prompts, progress=False)
+        text = F.normalize(self.s, dim=-1)
+        clip_scores, ppd = [], []
+        for i in range(len(self.prompts)):
+            imgs = torch.cat([
+                generate(self.z[j:j + self.batch_size], self.s[i].expand(min(self.batch_size, self.n - j), -1))
+                .float().clamp(-1, 1) for j in range(0, self.n, self.batch_size)])
+            shapes.add(i, imgs)
+            # One CLIP image pass serves the CLIP score and the mPPD (evaluate's fallback backbone).
+            emb = F.normalize(self.clip.image_embed(imgs).float(), dim=-1)
+            clip_scores.append(100.0 * float((emb @ text[i]).mean()))
+            ppd.append(mean_pairwise_distance(emb, "cosine"))
+        r = shapes.result()
+        return {
+            "alignment": r["alignment"], "alignment_per_attribute": r["alignment_per_attribute"],
+            "coverage": r["coverage"], "coverage_ideal": r["coverage_ideal"],
+            "coverage_per_attribute": r["coverage_per_attribute"],
+            "mppd": sum(ppd) / len(ppd), "mppd_backbone": "training CLIP image embedding (fallback), cosine",
+            "clip_score": sum(clip_scores) / len(clip_scores), "n_prompts": len(self.prompts),
+            "n_per_prompt": self.n, "eval_seconds": round(time.perf_counter() - t0, 2),
+        }
+
+
+@contextlib.contextmanager
+def isolated_rng(device, seed: int):
+    """Run the block with the global RNG forked (restored on exit) and seeded with ``seed``: evaluation
+    and sample grids leave the training random streams exactly where they were."""
+    devices = [device] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def append_jsonl(path: str, record: Mapping) -> None:
+    """Append one JSON line and flush it to disk (a crash loses at most the line being written)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: str) -> List[dict]:
+    """The records of a JSONL file; a torn last line (a kill mid-write) is ignored."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+_PANELS = (("alignment", "alignment (all named attributes)"), ("shape", "shape alignment"),
+           ("coverage", "coverage of free attributes"), ("mppd", "mPPD (CLIP fallback, cosine)"),
+           ("clip_score", "CLIP score"))
+
+
+def _value(rec: Mapping, key: str):
+    if key in rec:
+        return rec[key]
+    return rec.get("alignment_per_attribute", {}).get(key)
+
+
+def plot_curves(runs: Mapping[str, Sequence[Mapping]], path: str, title: str = "") -> str:
+    """Draw each run's snapshot records (label → records with ``step``) into one PNG; returns ``path``.
+
+    Several records per step (seeds) are drawn as their mean with a min–max band. The coverage panel
+    shows the ideal coverage at this N as a dashed line.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(_PANELS), figsize=(4.0 * len(_PANELS), 3.4))
+    for label, recs in runs.items():
+        for ax, (key, name) in zip(axes, _PANELS):
+            by_step: Dict[int, List[float]] = {}
+            for r in recs:
+                v = _value(r, key)
+                if v is not None:
+                    by_step.setdefault(int(r["step"]), []).append(float(v))
+            if not by_step:
+                continue
+            steps = sorted(by_step)
+            mean = [sum(by_step[s]) / len(by_step[s]) for s in steps]
+            line, = ax.plot(steps, mean, marker="o", ms=2.5, label=label)
+            if any(len(by_step[s]) > 1 for s in steps):
+                ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps],
+                                color=line.get_color(), alpha=0.2)
+    for ax, (key, name) in zip(axes, _PANELS):
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if key in ("alignment", "shape", "coverage"):
+            ax.set_ylim(0, 1)
+    ideal = [r["coverage_ideal"] for recs in runs.values() for r in recs if r.get("coverage_ideal") is not None]
+    if ideal:
+        axes[2].axhline(sum(ideal) / len(ideal), ls="--", color="gray", lw=1, label="ceiling at this N")
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
