@@ -13,10 +13,15 @@ The contract every built model pair follows (the training engine only uses this)
     noise size.
 ``pair.generate(z, s) -> image``
     (B, 3, H, W), unbounded (clamp to [-1, 1] only for saving/evaluating).
-``pair.d_loss(real, s, z, impl="auto") -> (loss, stats)``
+``pair.make_fake(z, s, impl="auto") -> fake``
+    One training iteration's fakes, with G's graph (an image tensor, or whatever the pair's losses
+    take as ``fake=``): the engine generates once per iteration, as GALIP does.
+``pair.d_loss(real, s, z, impl="auto", fake=None) -> (loss, stats)``
     ``real`` images in [-1, 1] (B, 3, H, W); ``s`` sentence embeddings (B, d_txt); ``z`` (B, z_dim).
-    Generates the fakes itself without G gradients. ``stats`` maps names to detached scalars.
-``pair.g_loss(s, z, impl="auto") -> (loss, stats)``
+    Uses ``fake`` detached, or generates the fakes from ``z`` without G gradients. ``stats`` maps
+    names to detached scalars.
+``pair.g_loss(s, z, impl="auto", fake=None) -> (loss, stats)``
+    Trains G through ``fake`` (the same object ``d_loss`` got), or generates from ``z``.
 ``impl``
     ``"auto"`` uses the fused ops, ``"ref"`` switches every op to its reference.
 """
@@ -102,9 +107,11 @@ class GANPair(Protocol):
 
     def generate(self, z, s): ...
 
-    def d_loss(self, real, s, z, impl="auto"): ...
+    def make_fake(self, z, s, impl="auto"): ...
 
-    def g_loss(self, s, z, impl="auto"): ...
+    def d_loss(self, real, s, z, impl="auto", fake=None): ...
+
+    def g_loss(self, s, z, impl="auto", fake=None): ...
 
 
 def build(cfg: VariantConfig, clip, img_size: int | None = None, **kwargs) -> GANPair:
