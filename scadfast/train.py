@@ -29,7 +29,7 @@ from .grid import make_grid, save_grid
 from .progress import Progress, format_seconds
 
 # Switches that only make sense for one model family (checked so a user learns the flag is ignored).
-_GALIP_ONLY = ("d_loss", "fidelity", "fidelity_loss", "mi_weight", "gp_every", "gp_weight")
+_GALIP_ONLY = ("d_loss", "fidelity", "fidelity_loss", "mi_weight", "gp_every", "gp_weight", "augment")
 _MS_ONLY = ("cond_aug", "ca_mode", "kl_weight", "label_smoothing", "use_uncond_loss")
 
 # Defaults of the engine (flags override, a --config file sits in between).
@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-weight", type=float, default=S, help="λ_clip of G's CLIP-similarity term")
     g.add_argument("--gp-every", type=int, default=S, help="MA-GP every N D steps (lazy, scaled by N)")
     g.add_argument("--gp-weight", type=float, default=S, help="MA-GP k (0 = off)")
+    g.add_argument("--augment", choices=["none", "translation", "translation,cutout"], default=S,
+                   help="differentiable augmentation of real and fake images before CLIP reads them, in the D "
+                        "and G steps (default none)")
     g.add_argument("--z-dim", type=int, default=S)
     g.add_argument("--ngf", type=int, default=S, help="generator base width (default 64; 32 with scadfast-tiny)")
     g.add_argument("--ndf", type=int, default=S, help="discriminator base width (default 64; 32 with scadfast-tiny)")

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from ..ops import patch_hinge_loss, san_d_loss, san_logits
 from ..ops.spectral_norm import SpectralNorm
+from .augment import augment, check_policy
 from .discriminator import GALIPDiscriminator, mi_loss
 from .generator import CLIPAidedGenerator, SharedRef
 
@@ -67,6 +68,7 @@ class GALIPFamily(nn.Module):
         if cfg.mi_weight < 0:
             raise ValueError(f"GALIPFamily: mi_weight must be >= 0, got {cfg.mi_weight}")
         self.cfg = cfg
+        self.augment = check_policy(getattr(cfg, "augment", "none"))
         self._clip = SharedRef(clip)
         self.z_dim = int(cfg.z_dim)
         self.G = CLIPAidedGenerator(clip, z_dim=cfg.z_dim, ngf=cfg.ngf, img_size=img_size)
@@ -170,7 +172,8 @@ class GALIPFamily(nn.Module):
         with torch.no_grad():
             fake = self.G(z, s) if fake is None else fake.detach()
             # Real and fake through CLIP in one batch; D reads only the feature blocks.
-            feats = clip.image_features(torch.cat([real.to(fake.dtype), fake]), pooled=False)
+            images = augment(torch.cat([real.to(fake.dtype), fake]), self.augment)
+            feats = clip.image_features(images, pooled=False)
             feats_r, feats_f = feats[:b], feats[b:]
         s = s.detach()
         # The penalty differentiates D's output, so it is skipped when autograd is off (evaluation).
@@ -197,7 +200,7 @@ class GALIPFamily(nn.Module):
                  "d_fake": f_f.detach().float().mean(), "d_mismatch": f_m.detach().float().mean()}
 
         if D.fidelity is not None:
-            feat = self._fidelity_features(t, torch.cat([real.to(fake.dtype), fake], dim=0))
+            feat = self._fidelity_features(t, images)
             l_fid, lr, lf = self._fidelity_d(feat[:b], feat[b:], impl)
             loss = loss + l_fid
             stats.update(d_fid=l_fid.detach().float(), d_fid_real=lr, d_fid_fake=lf)
@@ -217,6 +220,7 @@ class GALIPFamily(nn.Module):
         cfg, clip, D = self.cfg, self.clip, self.D
         if fake is None:
             fake = self.G(z, s)
+        fake = augment(fake, self.augment)  # G is trained through the same augmentation D sees
         feats, emb = clip.image_features(fake)
         t = D.trunk(feats)
         _, f = self._semantic(t, s, impl)

@@ -1,0 +1,152 @@
+"""Learning curves and the reproduction table on the embedded default (shapes + scadfast-tiny).
+
+    python bench/learning.py run --variants galip,scad_mi --seeds 0,1,2 [--steps N] [-- TRAIN FLAGS...]
+    python bench/learning.py report [--readme README.md]
+
+``run`` trains each (variant, seed) with ``python -m scadfast.train`` (learning-curve snapshots on,
+as in the embedded default) into ``runs/learning/<variant>-s<seed>`` and keeps what the table needs
+under ``docs/results/learning/``: ``<variant>-s<seed>.jsonl`` (every snapshot), ``.summary.json``
+(wall time, images/s, the command) and ``docs/samples/learning/<variant>-s<seed>.png`` (the final
+sample grid). Runs one training at a time.
+
+``report`` reads every kept run and writes ``docs/learning-curves.png`` (each variant's mean curve over
+seeds with its min–max band) and the markdown table of the final snapshots (mean ± std over seeds),
+which it prints and, with ``--readme``, splices into README.md between ``<!-- learning:begin -->`` and
+``<!-- learning:end -->``. Nothing is typed by hand: the table is the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEEP = os.path.join(ROOT, "docs", "results", "learning")
+SAMPLES = os.path.join(ROOT, "docs", "samples", "learning")
+BEGIN, END = "<!-- learning:begin -->", "<!-- learning:end -->"
+ATTRS = ("shape", "color", "size", "position", "background")
+
+
+def run(a, extra) -> int:
+    os.makedirs(KEEP, exist_ok=True)
+    os.makedirs(SAMPLES, exist_ok=True)
+    for v in a.variants.split(","):
+        for seed in [int(x) for x in a.seeds.split(",")]:
+            name = f"{v}-s{seed}"
+            out = os.path.join(a.runs, name)
+            if os.path.exists(out):
+                shutil.rmtree(out)
+            cmd = [sys.executable, "-m", "scadfast.train", "--variant", v, "--seed", str(seed), "--out", out, *extra]
+            if a.steps:
+                cmd += ["--steps", str(a.steps)]
+            print("+", " ".join(cmd), flush=True)
+            t0 = time.time()
+            r = subprocess.run(cmd)
+            if r.returncode != 0:
+                print(f"error: {name} failed (exit {r.returncode})", file=sys.stderr)
+                return r.returncode
+            summary = json.load(open(os.path.join(out, "summary.json")))
+            summary.update(command=" ".join(["python", "-m", "scadfast.train", *cmd[3:]]),
+                           wall_with_setup_s=round(time.time() - t0, 1), date=time.strftime("%Y-%m-%d"),
+                           machine=a.machine)
+            shutil.copy(os.path.join(out, "curves.jsonl"), os.path.join(KEEP, name + ".jsonl"))
+            json.dump(summary, open(os.path.join(KEEP, name + ".summary.json"), "w"), indent=1)
+            shutil.copy(os.path.join(out, "samples", "latest.png"), os.path.join(SAMPLES, name + ".png"))
+    return 0
+
+
+def _runs():
+    from scadfast.metrics.curves import read_jsonl
+
+    by_variant = {}
+    for path in sorted(glob.glob(os.path.join(KEEP, "*.jsonl"))):
+        name = os.path.basename(path)[:-6]
+        variant, seed = name.rsplit("-s", 1)
+        summ = os.path.join(KEEP, name + ".summary.json")
+        by_variant.setdefault(variant, []).append(
+            (int(seed), read_jsonl(path), json.load(open(summ)) if os.path.exists(summ) else {}))
+    return by_variant
+
+
+def _ms(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "–"
+    m = sum(xs) / len(xs)
+    if len(xs) == 1:
+        return f"{m:.3f}"
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+    return f"{m:.3f} ± {sd:.3f}"
+
+
+def table(by_variant) -> str:
+    head = ("| variant | seeds | steps | alignment ↑ | " + " | ".join(ATTRS) + " | coverage ↑ (ceiling) | "
+            "mPPD ↑ | CLIP score | wall (min) |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for v, runs in by_variant.items():
+        finals = [recs[-1] for _, recs, _ in runs]
+        ceil = finals[0].get("coverage_ideal")
+        walls = [s.get("wall_s", 0) / 60 for _, _, s in runs if s]
+        lines.append(
+            f"| `{v}` | {','.join(str(s) for s, _, _ in runs)} | {finals[0]['step']} | "
+            f"{_ms([f['alignment'] for f in finals])} | "
+            + " | ".join(_ms([f['alignment_per_attribute'].get(k) for f in finals]) for k in ATTRS)
+            + f" | {_ms([f['coverage'] for f in finals])} ({ceil:.2f}) | {_ms([f['mppd'] for f in finals])} | "
+            f"{_ms([f['clip_score'] for f in finals])} | {_ms(walls) if walls else '–'} |")
+    return "\n".join(lines)
+
+
+def report(a) -> int:
+    from scadfast.metrics.curves import plot_curves
+
+    by_variant = _runs()
+    if not by_variant:
+        print(f"error: no kept runs in {KEEP}; run `python bench/learning.py run` first", file=sys.stderr)
+        return 2
+    png = plot_curves({v: [r for _, recs, _ in runs for r in recs] for v, runs in by_variant.items()},
+                      os.path.join(ROOT, "docs", "learning-curves.png"),
+                      title="embedded default, held-out shapes prompts (mean over seeds, band = min–max)")
+    md = table(by_variant)
+    machines = sorted({s.get("machine", "?") for runs in by_variant.values() for _, _, s in runs if s})
+    md += f"\n\nMachine: {', '.join(machines)}. Raw snapshots: `docs/results/learning/*.jsonl`; curves: `{os.path.relpath(png, ROOT)}`."
+    print(md)
+    if a.readme:
+        text = open(a.readme).read()
+        if BEGIN not in text or END not in text:
+            print(f"error: {a.readme} has no {BEGIN} … {END} markers", file=sys.stderr)
+            return 2
+        pre, rest = text.split(BEGIN, 1)
+        post = rest.split(END, 1)[1]
+        open(a.readme, "w").write(pre + BEGIN + "\n" + md + "\n" + END + post)
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    p = argparse.ArgumentParser(prog="python bench/learning.py", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--variants", default="galip,scad,scad_mi,scad_dd,ms_clip_gan")
+    r.add_argument("--seeds", default="0,1,2")
+    r.add_argument("--steps", type=int, default=None, help="default: the engine's default")
+    r.add_argument("--runs", default=os.path.join(ROOT, "runs", "learning"))
+    r.add_argument("--machine", default="2-core CPU (no GPU)", help="recorded with each run")
+    q = sub.add_parser("report")
+    q.add_argument("--readme", default=None)
+    a = p.parse_args(argv)
+    return run(a, extra) if a.cmd == "run" else report(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

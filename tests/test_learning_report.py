@@ -1,0 +1,48 @@
+"""bench/learning.py report: the reproduction table and curves come from the kept JSON, nothing typed."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def learning(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("learning", os.path.join(ROOT, "bench", "learning.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "KEEP", str(tmp_path / "keep"))
+    monkeypatch.setattr(mod, "ROOT", str(tmp_path))
+    os.makedirs(mod.KEEP)
+    return mod
+
+
+def _rec(step, a, shape):
+    return {"step": step, "alignment": a, "alignment_per_attribute": {"shape": shape, "color": 0.5},
+            "coverage": 0.4, "coverage_ideal": 0.75, "mppd": 0.2, "clip_score": 20.0}
+
+
+def test_report_table_mean_std_over_seeds_and_readme_splice(learning, tmp_path, capsys):
+    for seed, final in ((0, 0.2), (1, 0.4)):
+        with open(os.path.join(learning.KEEP, f"scad_mi-s{seed}.jsonl"), "w") as f:
+            for r in (_rec(0, 0.0, 0.1), _rec(100, final, final)):
+                f.write(json.dumps(r) + "\n")
+        json.dump({"wall_s": 600.0, "machine": "test box"}, open(os.path.join(learning.KEEP, f"scad_mi-s{seed}.summary.json"), "w"))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{learning.BEGIN}\nold\n{learning.END}\noutro\n")
+    assert learning.main(["report", "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("intro\n") and text.endswith("outro\n")
+    row = [line for line in text.splitlines() if line.startswith("| `scad_mi`")][0]
+    assert "| 0,1 | 100 | 0.300 ± 0.141 |" in row  # mean ± sample std of the final snapshots
+    assert "10.000" in row  # wall minutes
+    assert "test box" in text
+    assert os.path.getsize(tmp_path / "docs" / "learning-curves.png") > 1000
+
+
+def test_report_without_runs_says_so(learning, capsys):
+    assert learning.main(["report"]) == 2
+    assert "no kept runs" in capsys.readouterr().err
