@@ -97,6 +97,7 @@ setup(
         "tensorboard>=2.14",
         "ninja",
         "pybind11>=2.10",
+        "safetensors>=0.4",
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130"],
@@ -107,6 +108,7 @@ setup(
         "scadfast-train=scadfast.train:main",
         "scadfast-sample=scadfast.sample:main",
         "scadfast-evaluate=scadfast.evaluate:main",
+        "scadfast-export=scadfast.export:main",
     ]},
     zip_safe=False,
 )
