@@ -481,9 +481,23 @@ def _load_wds(ds: DataSpec, mode: str) -> RecordSet:
         members: Dict[str, Dict[str, tarfile.TarInfo]] = {}
         order: List[str] = []
         with tf, open(shard, "rb") as raw:
-            for m in tf:
+            shard_size = os.fstat(raw.fileno()).st_size
+            try:
+                listed = list(tf)  # a truncated shard fails here (tarfile.ReadError)
+            except (tarfile.TarError, OSError, EOFError) as e:
+                raise ValueError(f"{source}: shard {shard!r} is truncated or corrupt ({e})") from None
+            # tarfile stops quietly at a torn header; a complete shard ends with zero blocks there.
+            raw.seek(tf.offset)
+            rest = raw.read(1024)
+            if len(rest) < 1024 or any(rest):
+                raise ValueError(f"{source}: shard {shard!r} is truncated or corrupt (no end-of-archive "
+                                 f"marker after byte {tf.offset} of {shard_size})")
+            for m in listed:
                 if not m.isfile():
                     continue
+                if m.offset_data + m.size > shard_size:
+                    raise ValueError(f"{source}: shard {shard!r} is truncated (member {m.name} ends past "
+                                     f"the end of the file)")
                 name = os.path.basename(m.name)
                 if name.startswith("."):
                     continue
