@@ -36,7 +36,7 @@ DEFAULTS = dict(
     data="shapes", shapes_n=2000, clip="scadfast-tiny", clip_pretrained=None, image_size=None,
     batch_size=16, steps=600, precision=None, compile=None, impl="auto", seed=0, out=None,
     resume=False, log_every=25, sample_every=200, ckpt_every=200, keep_ckpts=3, device=None,
-    cache_dir=None, sample_prompts=8, sample_noise=8,
+    cache_dir=None, sample_prompts=8, sample_noise=8, check_images=False,
 )
 
 
@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "scadfast-tiny; the default for it), 'none' for random init")
     g.add_argument("--image-size", type=int, default=S, help="output resolution (default: the CLIP image size)")
     g.add_argument("--batch-size", type=int, default=S, help="images per process per step (default 16)")
+    g.add_argument("--check-images", action="store_true", default=S,
+                   help="fully decode every image when indexing and skip undecodable ones (slow the first "
+                        "time; verified files are cached). Without it a cheap header check runs, and an image "
+                        "DALI cannot decode during training is named and skipped then")
     g = p.add_argument_group("model switches (override the variant preset)")
     g.add_argument("--d-loss", choices=["hinge", "san"], default=S)
     g.add_argument("--fidelity", choices=["none", "clip_patch", "pixel_patchgan"], default=S)
@@ -305,6 +309,7 @@ class Trainer:
                 spec, image_size=self.image_size, batch_size=a.batch_size,
                 device_id=(self.device.index or 0) if self.device.type == "cuda" else None,
                 rank=self.dist.rank, world_size=self.dist.world_size, seed=a.seed,
+                check_images="decode" if a.check_images else "header",
             )
         except (ValueError, OSError) as e:  # missing / empty / malformed data, batch > data set
             msg = str(e)
@@ -530,6 +535,16 @@ class Trainer:
             self._optional("sample grid", self.write_samples, progress)
         return vals
 
+    def _checkpoint_before_data_stop(self, images_seen_at_step_start: int) -> str:
+        """A data error interrupted a step: checkpoint the last whole step (if this step had not
+        updated anything yet) and say where the run can be resumed from."""
+        if self.images_seen == images_seen_at_step_start and self.step > 0 and self._last_ckpt_step != self.step:
+            self.save()
+        if self._last_ckpt_step is not None:
+            return f"checkpoint of step {self._last_ckpt_step} written to {self.out}; fix the file(s) and --resume"
+        last = ckpt_lib.latest(self.out)
+        return f"the last checkpoint is {last}" if last else "no checkpoint was written"
+
     def _existing(self, *parts) -> str | None:
         p = os.path.join(self.out, *parts)
         return p if os.path.exists(p) else None
@@ -563,9 +578,15 @@ class Trainer:
         old = {s: signal.signal(s, self.request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
         t0, start_images, last = time.perf_counter(), self.images_seen, {}
         batches = self._batches()
+        from .data.dali import DataDecodeError
+
         try:
             while self.step < a.steps:
-                stats = self.train_step(batches)
+                seen = self.images_seen
+                try:
+                    stats = self.train_step(batches)
+                except DataDecodeError as e:
+                    raise DataError(f"{e}; {self._checkpoint_before_data_stop(seen)}") from None
                 self.step += 1
                 vals = self._step_boundary(stats, progress)
                 if vals is not None:

@@ -414,3 +414,170 @@ def test_sigint_checkpoints_and_exits_130_and_stale_temp_files_go(cache, tmp_pat
         assert summary[key] is None or os.path.exists(summary[key]), key
     assert summary["samples"] is None  # stopped long before the first sample grid
     assert "samples" not in [ln for ln in err.splitlines() if "done:" in ln][0]
+
+
+# ---- 9. prompts longer than the CLIP context, empty prompts -------------------------------------
+
+
+def test_long_and_empty_prompts_warn_once(run_dir, tmp_path, monkeypatch, capsys):
+    from scadfast import pretrained
+
+    monkeypatch.setattr(pretrained, "_warned", set())
+    loaded = pretrained.load(run_dir, "cpu")
+    limit = loaded.clip.context_length
+    long_prompt = "a red circle at the top left " * 400  # ~12,000 characters
+    loaded.embed([long_prompt, "a blue square"])
+    err = capsys.readouterr().err
+    assert f"exceed CLIP's context of {limit} tokens" in err and "number 1" in err and err.count("warning") == 1
+    loaded.embed([long_prompt])  # once per process
+    assert capsys.readouterr().err == ""
+    loaded.embed(["a blue square", "short and fine"])
+    assert capsys.readouterr().err == ""
+    assert sample.main(["--ckpt", run_dir, "--prompt", "", "--prompt", "a red circle", "-n", "1",
+                        "--device", "cpu", "--out", str(tmp_path / "e.png")]) == 0
+    assert "1 empty prompt(s) (number 1)" in capsys.readouterr().err
+
+
+# ---- 10. ops: consistent errors, fp16 spectral norm ---------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["auto", "ref"])
+def test_patch_hinge_zero_or_negative_weights_raise_like_san(impl):
+    from scadfast.ops import patch_hinge_loss, san_d_loss
+
+    x = torch.randn(3, 1, 4, 4)
+    with pytest.raises(ValueError, match="weight must have a positive sum"):
+        patch_hinge_loss(x, False, weight=torch.zeros(3, 1, 1, 1), impl=impl)
+    with pytest.raises(ValueError, match="weight must be non-negative"):
+        patch_hinge_loss(x, True, weight=torch.tensor([1.0, -0.5, 1.0]).view(3, 1, 1, 1), impl=impl)
+    h, w = torch.randn(3, 8), torch.randn(3, 8)
+    with pytest.raises(ValueError, match="positive sum"):
+        san_d_loss(h, w, h, w, torch.zeros(3), impl=impl)
+    with pytest.raises(ValueError, match="fake_weight must be non-negative"):
+        san_d_loss(h, w, h, w, torch.tensor([1.0, -0.5, 1.0]), impl=impl)
+
+
+@pytest.mark.parametrize("impl", ["auto", "ref"])
+def test_cond_aug_empty_batch_raises(impl):
+    from scadfast.ops import cond_aug
+
+    with pytest.raises(ValueError, match="empty batch"):
+        cond_aug(torch.randn(0, 8), torch.randn(16, 8), torch.randn(16), torch.randn(0, 4), impl=impl)
+
+
+def test_cond_aug_explicit_cuda_on_cpu_tensors_raises():
+    from scadfast.ops import _impl, cond_aug
+
+    if not _impl.extension_available():
+        pytest.skip("needs the compiled extension (without it impl='cuda' raises for that reason)")
+    with pytest.raises(RuntimeError, match="impl='cuda' needs CUDA tensors"):
+        cond_aug(torch.randn(2, 8), torch.randn(16, 8), torch.randn(16), torch.randn(2, 4), impl="cuda")
+
+
+@pytest.mark.parametrize("impl", ["auto", "triton"])
+def test_spectral_norm_fp16_large_weights_computed_in_fp32(impl):
+    import copy
+
+    from torch import nn
+
+    from scadfast.ops import _impl
+    from scadfast.ops.spectral_norm import spectral_norm
+
+    if impl == "triton" and not _impl.triton_runs_on(torch.zeros(1)):
+        pytest.skip("Triton cannot run on CPU tensors here")
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8)
+    with torch.no_grad():
+        base.weight.copy_(torch.rand(8, 16) * 6e4)  # fp16 max is 65504: W v overflows in fp16
+    torch.manual_seed(1)
+    ref32 = spectral_norm(copy.deepcopy(base), impl="ref").weight
+    torch.manual_seed(1)
+    w16 = spectral_norm(copy.deepcopy(base).half(), impl=impl).weight
+    assert w16.dtype == torch.float16 and torch.isfinite(w16).all() and w16.abs().max() > 0
+    torch.testing.assert_close(w16.float(), ref32, rtol=2e-2, atol=2e-3)
+
+
+# ---- 5. an image DALI cannot decode mid-run: named and skipped; --check-images up front ----------
+
+
+def _folder_with_corrupt_jpeg(root, n=8):
+    import numpy as np
+    from PIL import Image
+
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / f"{i}.jpg", quality=90)
+        (root / f"{i}.txt").write_text(f"a red square number {i}")
+    bad = root / "5.jpg"
+    data = bytearray(bad.read_bytes())
+    data[20:-2] = rng.integers(0, 256, len(data) - 22, dtype=np.uint8).tobytes()  # header and EOI intact
+    bad.write_bytes(bytes(data))
+    return str(bad)
+
+
+def test_undecodable_jpeg_mid_run_is_named_and_skipped(cache, tmp_path):
+    from scadfast.data import DataWarning, make_loader
+    from scadfast.data.sources import check_image_bytes
+
+    bad = _folder_with_corrupt_jpeg(tmp_path / "f")
+    data = open(bad, "rb").read()
+    assert check_image_bytes(data[:16], data[-64:], len(data)) is None  # passes the indexing check
+    loader = make_loader(f"folder:{tmp_path / 'f'}", image_size=32, batch_size=2, shuffle=False)
+    seen = []
+    with pytest.warns(DataWarning, match=r"skipped 1 image\(s\) that cannot be decoded: .*5\.jpg"):
+        for _, idx in loader:
+            seen += idx.tolist()
+    assert len(seen) == 8 and 5 not in seen  # static batch count; the slot is refilled
+    assert loader.state_dict()["skipped"] == [5]
+    # The skipped set is part of the position: a resumed loader reads the same order, with no error.
+    again = make_loader(f"folder:{tmp_path / 'f'}", image_size=32, batch_size=2, shuffle=False)
+    again.load_state_dict(loader.state_dict())
+    with __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("error")
+        assert [i for _, idx in again for i in idx.tolist()] == seen
+
+
+def test_training_survives_an_undecodable_jpeg(cache, tmp_path, recwarn):
+    _folder_with_corrupt_jpeg(tmp_path / "f")
+    out = str(tmp_path / "r")
+    assert train.main(["--variant", "galip", "--steps", "3", "--data", f"folder:{tmp_path / 'f'}",
+                       "--out", out, *TINY]) == 0
+    assert any("5.jpg" in str(w.message) and "cannot be decoded" in str(w.message) for w in recwarn.list)
+    assert ckpt_lib.load(out)["data_position"]["skipped"]
+
+
+def test_unidentified_decode_error_stops_cleanly_naming_the_files(cache, tmp_path, monkeypatch, capsys):
+    from scadfast.data import dali
+
+    monkeypatch.setattr(dali, "_pil_decode_error", lambda data: None)  # Pillow "reads" everything
+    _folder_with_corrupt_jpeg(tmp_path / "f")
+    rc = train.main(["--variant", "galip", "--steps", "3", "--data", f"folder:{tmp_path / 'f'}",
+                     "--out", str(tmp_path / "r"), *TINY])
+    err = capsys.readouterr().err
+    line = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert rc == 2 and len(line) == 1 and "DALI failed to decode" in line[0] and ".jpg" in line[0]
+    assert "Traceback" not in err
+
+
+def test_check_images_skips_up_front_and_caches_verified_files(cache, tmp_path):
+    from scadfast.data import DataWarning, load_records
+    from scadfast.data import sources
+
+    _folder_with_corrupt_jpeg(tmp_path / "f")
+    with pytest.warns(DataWarning, match=r"skipped 1 .*5\.jpg"):
+        recs = load_records(f"folder:{tmp_path / 'f'}", check_images="decode")
+    assert len(recs) == 7
+    verified = json.load(open(os.path.join(cache, "verified-images.json")))
+    assert len([k for k in verified if k.startswith(str(tmp_path / "f"))]) == 7
+    calls = []
+    real = sources._pil_decode_error
+    sources_mod_fn = lambda data: calls.append(1) or real(data)  # noqa: E731
+    import unittest.mock
+
+    with unittest.mock.patch.object(sources, "_pil_decode_error", sources_mod_fn):
+        with pytest.warns(DataWarning):
+            assert len(load_records(f"folder:{tmp_path / 'f'}", check_images="decode")) == 7
+    assert len(calls) == 1  # only the bad file is decoded again
+    a = train.parse_args(["--variant", "galip", "--check-images"])
+    assert a.check_images is True
