@@ -581,3 +581,17 @@ def test_check_images_skips_up_front_and_caches_verified_files(cache, tmp_path):
     assert len(calls) == 1  # only the bad file is decoded again
     a = train.parse_args(["--variant", "galip", "--check-images"])
     assert a.check_images is True
+
+
+def test_version_1_checkpoints_still_load(run_dir, tmp_path):
+    """A checkpoint of the previous format (a bare torch.save zip, numpy RNG state as an array)."""
+    import numpy as np
+
+    state = ckpt_lib.load(run_dir)
+    state["format_version"] = 1
+    state["rng"]["numpy"] = np.random.get_state()
+    p = tmp_path / "old.pt"
+    p.write_bytes(_legacy_file(state))
+    old = ckpt_lib.load(str(p))
+    assert old["step"] == 2 and old["rng"]["numpy"][0] == "MT19937"
+    ckpt_lib.set_rng_state(old["rng"])
