@@ -98,6 +98,7 @@ setup(
         "matplotlib>=3.7",  # learning-curve PNGs
         "ninja",
         "pybind11>=2.10",
+        "safetensors>=0.4",
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130"],
@@ -108,6 +109,7 @@ setup(
         "scadfast-train=scadfast.train:main",
         "scadfast-sample=scadfast.sample:main",
         "scadfast-evaluate=scadfast.evaluate:main",
+        "scadfast-export=scadfast.export:main",
     ]},
     zip_safe=False,
 )

@@ -447,6 +447,13 @@ def run(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--reps", type=int, default=None, help="maximum timed calls per measurement")
     args = p.parse_args(argv)
+    if args.out:  # before any measuring (the default results folder is in the source tree)
+        from scadfast.outputs import unwritable_reason
+
+        why = unwritable_reason(args.out)
+        if why:
+            print(f"bench/kernels.py: --out {args.out}: cannot write there: {why}", file=sys.stderr)
+            return 2
 
     sys.path.insert(0, HERE)
     import torch

@@ -216,14 +216,19 @@ def main(argv=None) -> int:
         p.error(f"--prompts {a.prompts}: file not found")
     from .checkpoint import CheckpointError
     from .metrics.fid import InceptionWeightsMissing
+    from .outputs import unwritable_reason
 
+    out = a.out or os.path.join(os.path.dirname(os.path.abspath(a.ckpt)) if os.path.isfile(a.ckpt) else a.ckpt, "eval.json")
+    why = unwritable_reason(out) if (a.out or os.path.isdir(os.path.dirname(out))) else None
+    if why:  # before any generation: a report that cannot be written would lose the whole evaluation
+        print(f"error: {'--out ' if a.out else 'report '}{out}: cannot write there: {why}", file=sys.stderr)
+        return 2
     try:
         report = run(a)
     except (InceptionWeightsMissing, CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_report(report))
-    out = a.out or os.path.join(os.path.dirname(os.path.abspath(a.ckpt)) if os.path.isfile(a.ckpt) else a.ckpt, "eval.json")
     with open(out, "w") as f:
         json.dump(report, f, indent=1)
     print(f"wrote {out}", file=sys.stderr)

@@ -64,6 +64,14 @@ def main(argv=None) -> int:
         p.error("give at least one --prompt or a --prompts file")
     if a.n < 1:
         p.error("-n must be >= 1")
+    if a.batch_size < 1:
+        p.error(f"--batch-size must be >= 1, got {a.batch_size}")
+
+    from .outputs import unwritable_reason
+
+    why = unwritable_reason(a.out, directory=a.per_prompt)
+    if why:  # checked before the checkpoint is loaded and anything is generated
+        p.error(f"--out {a.out}: cannot write there: {why}")
 
     from . import pretrained
     from .checkpoint import CheckpointError

@@ -24,7 +24,7 @@ import torch
 
 from . import checkpoint as ckpt_lib
 from . import distributed as dist_lib
-from . import variants
+from . import runlock, variants
 from .grid import make_grid, save_grid
 from .progress import Progress, format_seconds
 
@@ -37,8 +37,8 @@ DEFAULTS = dict(
     data="shapes", shapes_n=2000, clip="scadfast-tiny", clip_pretrained=None, image_size=None,
     batch_size=16, steps=600, precision=None, compile=None, impl="auto", seed=0, out=None,
     resume=False, log_every=25, sample_every=200, ckpt_every=200, keep_ckpts=3, device=None,
-    cache_dir=None, sample_prompts=8, sample_noise=8, eval_every=0, eval_prompts=16, eval_n=16, ema_kimg=0.0,
-    ema_rampup=0.05,
+    cache_dir=None, sample_prompts=8, sample_noise=8, check_images=False, eval_every=0, eval_prompts=16,
+    eval_n=16, ema_kimg=0.0, ema_rampup=0.05,
 )
 
 
@@ -72,8 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample-every", type=int, default=S, help="steps between sample grids (default 200)")
     g.add_argument("--ckpt-every", type=int, default=S, help="steps between checkpoints (default 200)")
     g.add_argument("--keep-ckpts", type=int, default=S, help="numbered checkpoints kept (default 3)")
-    g.add_argument("--sample-prompts", type=int, default=S, help="rows (distinct prompts) of the sample grid (default 8)")
-    g.add_argument("--sample-noise", type=int, default=S, help="columns (fixed noise vectors) of the sample grid (default 8)")
+    g.add_argument("--sample-prompts", type=int, default=S,
+                   help="rows (distinct prompts) of the sample grid (default 8; 0 = no sample grids)")
+    g.add_argument("--sample-noise", type=int, default=S,
+                   help="columns (fixed noise vectors) of the sample grid (default 8; 0 = no sample grids)")
     g.add_argument("--eval-every", type=int, default=S,
                    help="steps between learning-curve snapshots on held-out shapes prompts (alignment, coverage, "
                         "mPPD, CLIP score → curves.jsonl, TensorBoard, curves.png); 0 = off (default: on for the "
@@ -95,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "scadfast-tiny; the default for it), 'none' for random init")
     g.add_argument("--image-size", type=int, default=S, help="output resolution (default: the CLIP image size)")
     g.add_argument("--batch-size", type=int, default=S, help="images per process per step (default 16)")
+    g.add_argument("--check-images", action="store_true", default=S,
+                   help="fully decode every image when indexing and skip undecodable ones (slow the first "
+                        "time; verified files are cached). Without it a cheap header check runs, and an image "
+                        "DALI cannot decode during training is named and skipped then")
     g = p.add_argument_group("model switches (override the variant preset)")
     g.add_argument("--d-loss", choices=["hinge", "san"], default=S)
     g.add_argument("--fidelity", choices=["none", "clip_patch", "pixel_patchgan"], default=S)
@@ -174,22 +180,72 @@ def load_config(path: str, parser) -> dict:
             raise SystemExit(f"error: --config {path}: invalid YAML ({e})")
     if not isinstance(data, dict):
         raise SystemExit(f"error: --config {path}: expected a mapping of flag names to values")
-    known = {a.dest for a in parser._actions}
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
     out = {}
     for k, v in data.items():
-        key = k.replace("-", "_")
+        key = str(k).replace("-", "_")
         if key == "variant":
             continue
-        if key not in known:
+        if key not in actions:
             raise SystemExit(f"error: --config {path}: unknown key {k!r}")
-        out[key] = v
+        out[key] = _config_value(actions[key], k, v, path)
     return out
 
 
+_NULLABLE = {k for k, v in DEFAULTS.items() if v is None}
+
+
+def _config_value(action: argparse.Action, key, value, path: str):
+    """``value`` from the YAML file checked with the type and choices of its flag (``action``)."""
+    flag = action.option_strings[0]
+
+    def bad(expected: str):
+        raise SystemExit(f"error: --config {path}: key {key!r} must be {expected} (as {flag}), got {value!r}")
+
+    if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
+        if not isinstance(value, bool):
+            bad("true or false")
+        return value
+    if value is None:
+        if action.dest in _NULLABLE:
+            return None
+        bad("a value")
+    typ = action.type
+    if typ in (int, float):
+        what = "an integer" if typ is int else "a number"
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            bad(what)
+        if typ is int and isinstance(value, float):
+            bad(what)
+        try:
+            value = typ(value)
+        except (TypeError, ValueError):
+            bad(what)
+        if typ is float and not math.isfinite(value):
+            bad("a finite number")
+    elif not isinstance(value, str):
+        bad("a string")
+    if action.choices is not None and value not in action.choices:
+        bad("one of " + ", ".join(map(str, action.choices)))
+    return value
+
+
 def _validate(a) -> None:
-    for name in ("steps", "batch_size", "log_every", "sample_every", "ckpt_every", "shapes_n", "eval_prompts"):
+    for name in ("steps", "batch_size", "log_every", "sample_every", "ckpt_every", "shapes_n", "image_size", "eval_prompts"):
         if getattr(a, name) is not None and getattr(a, name) <= 0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be positive, got {getattr(a, name)}")
+    for name in ("keep_ckpts", "sample_prompts", "sample_noise"):
+        if getattr(a, name) < 0:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 0, got {getattr(a, name)}")
+    for name in ("z_dim", "ngf", "ndf"):
+        if getattr(a.cfg, name) <= 0:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be positive, got {getattr(a.cfg, name)}")
+    for name in ("lr_g", "lr_d"):
+        if not getattr(a.cfg, name) > 0:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be positive, got {getattr(a.cfg, name)}")
+    for name in ("mi_weight", "clip_weight", "gp_weight", "kl_weight", "label_smoothing"):
+        if not getattr(a.cfg, name) >= 0:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 0, got {getattr(a.cfg, name)}")
     if a.eval_every < 0 or a.eval_n < 2:
         raise SystemExit(f"error: --eval-every must be >= 0 and --eval-n >= 2, got {a.eval_every}, {a.eval_n}")
     if a.eval_every and not a.data.startswith("shapes"):
@@ -212,6 +268,10 @@ class _Stop(Exception):
     pass
 
 
+class DataError(RuntimeError):
+    """The training data cannot be used; the message names the source or file and the problem."""
+
+
 class Trainer:
     """Owns the models, optimisers, data and the loop; ``state_dict`` is everything a resume needs."""
 
@@ -228,6 +288,10 @@ class Trainer:
         self.is_main = self.dist.is_main
         self.out = args.out or os.path.join("runs", f"{args.variant}-{time.strftime('%Y%m%d-%H%M%S')}")
         self._stop_requested = False
+        self.stop_signal = None  # the signal number that stopped the run, if one did
+        self._lock = None
+        self._last_ckpt = None  # the numbered checkpoint this process wrote last
+        self._last_ckpt_step = None
 
         from .models.clip import FrozenCLIP
         from .models.text_cache import TextEmbeddingCache
@@ -274,11 +338,18 @@ class Trainer:
         spec = a.data
         if spec == "shapes":  # the embedded default: generated (once) in the cache directory
             spec = f"shapes:n={a.shapes_n},root={os.path.join(self._cache_dir(), 'data')}"
-        return make_loader(
-            spec, image_size=self.image_size, batch_size=a.batch_size,
-            device_id=(self.device.index or 0) if self.device.type == "cuda" else None,
-            rank=self.dist.rank, world_size=self.dist.world_size, seed=a.seed,
-        )
+        try:
+            return make_loader(
+                spec, image_size=self.image_size, batch_size=a.batch_size,
+                device_id=(self.device.index or 0) if self.device.type == "cuda" else None,
+                rank=self.dist.rank, world_size=self.dist.world_size, seed=a.seed,
+                check_images="decode" if a.check_images else "header",
+            )
+        except (ValueError, OSError) as e:  # missing / empty / malformed data, batch > data set
+            msg = str(e)
+            if "give no full batch" in msg:
+                msg += f" (lower --batch-size {a.batch_size})"
+            raise DataError(f"--data {a.data}: {msg}") from None
 
     def _make_evaluator(self):
         from .metrics.curves import SnapshotEvaluator, heldout_prompts
@@ -360,7 +431,9 @@ class Trainer:
             raise FloatingPointError(
                 f"refusing to checkpoint step {self.step}: non-finite parameters ({bad[:3]}...); "
                 f"the last good checkpoint in {self.out} is intact")
-        return ckpt_lib.save(self.out, self.state_dict(), self.step, keep=self.args.keep_ckpts)
+        self._last_ckpt = ckpt_lib.save(self.out, self.state_dict(), self.step, keep=self.args.keep_ckpts)
+        self._last_ckpt_step = self.step
+        return self._last_ckpt
 
     # -- the loop ---------------------------------------------------------------------------------
     def _batches(self):
@@ -447,7 +520,7 @@ class Trainer:
 
     @torch.no_grad()
     def write_samples(self, progress: Progress) -> str | None:
-        if not self.is_main:
+        if not self.is_main or self.sample_z.shape[0] == 0:  # --sample-prompts 0 / --sample-noise 0
             return None
         from .metrics.curves import isolated_rng
 
@@ -462,27 +535,134 @@ class Trainer:
         return path
 
     def request_stop(self, signum, frame):
+        if self._stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the final checkpoint
         self._stop_requested = True
+        self.stop_signal = signum
+        if self.is_main:
+            print(f"[scadfast] {signal.Signals(signum).name}: finishing the current step, then "
+                  f"checkpointing and stopping" + (" (Ctrl-C again to abort without it)"
+                                                   if signum == signal.SIGINT else ""),
+                  file=sys.stderr, flush=True)
+
+    # -- run directory, resume --------------------------------------------------------------------
+    def _open_run_dir(self) -> None:
+        """Main rank: create and lock the run directory, clear temp files a killed save left."""
+        if not self.is_main:
+            return
+        self._lock = open_run_dir(self.out)
+
+    def _close_run_dir(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _resume(self) -> str:
+        """Load the newest checkpoint of ``--out``; a damaged ``ckpt.pt`` falls back to the newest
+        intact numbered one (saying so). Returns the path resumed from."""
+        path = ckpt_lib.latest(self.out)
+        if path is None:
+            raise SystemExit(f"error: --resume: no checkpoint in {self.out}")
+        try:
+            state = ckpt_lib.load(path, map_location=self.device)
+        except ckpt_lib.CheckpointError as e:
+            alt, state = ckpt_lib.newest_intact(self.out, map_location=self.device, exclude=(path,))
+            if alt is None:
+                raise ckpt_lib.CheckpointError(
+                    f"{e}; no intact numbered checkpoint (ckpt-XXXXXXXX.pt) in {self.out} to fall back to") from None
+            if self.is_main:
+                print(f"[scadfast] warning: {e}; resuming from {alt} (step {state.get('step')}), the newest "
+                      f"intact checkpoint", file=sys.stderr, flush=True)
+            path = alt
+        try:
+            self.load_state_dict(state, path)
+        except ValueError as e:  # the data loader's order-defining settings differ
+            raise ckpt_lib.CheckpointError(
+                f"cannot resume from {path}: {e} (resume with the --batch-size, --seed and --data of the run)"
+            ) from None
+        return path
+
+    def _write_config(self) -> None:
+        a = self.args
+        with open(os.path.join(self.out, "config.json"), "w") as f:
+            json.dump({**{k: v for k, v in vars(a).items() if k != "cfg"}, "cfg": self.cfg.__dict__,
+                       "device": str(self.device), "precision": self.precision,
+                       "compile": self.compile, "world_size": self.dist.world_size}, f, indent=2, default=str)
+
+    # -- step boundary ----------------------------------------------------------------------------
+    def _optional(self, what: str, fn, *args):
+        """Run a step-boundary extra (samples, TensorBoard, evaluation) that must not end the run:
+        a failure prints one warning line and training continues."""
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 - anything but the checkpoint may fail here
+            if self.is_main:
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                print(f"[scadfast] warning: {what} failed at step {self.step} ({type(e).__name__}: {msg[:300]}); "
+                      f"training continues", file=sys.stderr, flush=True)
+            return None
+
+    def _check_finite(self, vals: dict) -> None:
+        bad = [k for k, v in vals.items() if not math.isfinite(v)]
+        if bad:
+            raise FloatingPointError(
+                f"non-finite loss at step {self.step}: {', '.join(bad)} = "
+                f"{[vals[k] for k in bad]}; stopping. The last good checkpoint in {self.out} is "
+                f"intact (resume with --resume, perhaps with a lower learning rate or --precision fp32)")
+
+    def _step_boundary(self, stats, progress: Progress) -> dict | None:
+        """After a step: check losses, checkpoint (if due) FIRST, then the optional extras.
+
+        Returns the synced loss values when they were computed this step (log or checkpoint step)."""
+        a = self.args
+        log_now = self.step % a.log_every == 0 or self.step == a.steps
+        ckpt_now = self.step % a.ckpt_every == 0 or self.step == a.steps or self._stop_requested
+        vals = None
+        if log_now or ckpt_now:  # host sync only here
+            stats = dist_lib.all_mean(stats, self.dist)
+            vals = {k: float(v) for k, v in stats.items()}
+            self._check_finite(vals)
+        if ckpt_now:
+            self.save()
+        if log_now:
+            self._optional("progress/TensorBoard logging", progress.log, self.step, self.images_seen, vals)
+        if a.eval_every and (self.step % a.eval_every == 0 or self.step == a.steps):
+            self._optional("learning-curve snapshot", self.snapshot, progress)
+        if self.step % a.sample_every == 0 or self.step == a.steps:
+            self._optional("sample grid", self.write_samples, progress)
+        return vals
+
+    def _checkpoint_before_data_stop(self, images_seen_at_step_start: int) -> str:
+        """A data error interrupted a step: checkpoint the last whole step (if this step had not
+        updated anything yet) and say where the run can be resumed from."""
+        if self.images_seen == images_seen_at_step_start and self.step > 0 and self._last_ckpt_step != self.step:
+            self.save()
+        if self._last_ckpt_step is not None:
+            return f"checkpoint of step {self._last_ckpt_step} written to {self.out}; fix the file(s) and --resume"
+        last = ckpt_lib.latest(self.out)
+        return f"the last checkpoint is {last}" if last else "no checkpoint was written"
+
+    def _existing(self, *parts) -> str | None:
+        p = os.path.join(self.out, *parts)
+        return p if os.path.exists(p) else None
 
     def run(self) -> dict:
+        self._open_run_dir()
+        try:
+            return self._run()
+        finally:
+            self._close_run_dir()
+
+    def _run(self) -> dict:
         a = self.args
-        if self.is_main:
-            os.makedirs(self.out, exist_ok=True)
         resumed_from = None
         if a.resume:
-            path = ckpt_lib.latest(self.out)
-            if path is None:
-                raise SystemExit(f"error: --resume: no checkpoint in {self.out}")
-            self.load_state_dict(ckpt_lib.load(path, map_location=self.device), path)
-            resumed_from = path
+            resumed_from = self._resume()
         elif self.is_main and ckpt_lib.latest(self.out):
             raise SystemExit(f"error: {self.out} already has checkpoints; pass --resume to continue it "
                              f"or choose another --out")
         if self.is_main:
-            with open(os.path.join(self.out, "config.json"), "w") as f:
-                json.dump({**{k: v for k, v in vars(a).items() if k != "cfg"}, "cfg": self.cfg.__dict__,
-                           "device": str(self.device), "precision": self.precision,
-                           "compile": self.compile, "world_size": self.dist.world_size}, f, indent=2, default=str)
+            self._write_config()
         progress = Progress(a.steps, self.step, os.path.join(self.out, "tb"), enabled=self.is_main)
         if self.is_main:
             print(f"[scadfast] {a.variant} on {self.device} ×{self.dist.world_size} | {self.precision} | "
@@ -490,65 +670,86 @@ class Trainer:
                   f"/process | data {a.data} ({len(self.loader.captions)} captions) | CLIP {a.clip} | "
                   f"out {self.out}" + (f" | resumed from {resumed_from} at step {self.step}" if resumed_from else ""),
                   file=sys.stderr, flush=True)
-        # SIGTERM (a scheduler's pre-emption, torchrun's shutdown): finish the step, checkpoint, exit.
-        old = {s: signal.signal(s, self.request_stop) for s in (signal.SIGTERM,)}
+        # SIGTERM (a scheduler's pre-emption, torchrun's shutdown) and SIGINT (Ctrl-C): finish the
+        # step, checkpoint, exit with 128 + the signal number (main()).
+        old = {s: signal.signal(s, self.request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
         t0, start_images, last = time.perf_counter(), self.images_seen, {}
         batches = self._batches()
+        from .data.dali import DataDecodeError
+
         if self.evaluator is not None and self.step == 0:
-            self.snapshot(progress)  # the curve starts at initialisation
+            self._optional("learning-curve snapshot", self.snapshot, progress)  # the curve starts at initialisation
         try:
             while self.step < a.steps:
-                stats = self.train_step(batches)
+                seen = self.images_seen
+                try:
+                    stats = self.train_step(batches)
+                except DataDecodeError as e:
+                    raise DataError(f"{e}; {self._checkpoint_before_data_stop(seen)}") from None
                 self.step += 1
-                log_now = self.step % a.log_every == 0 or self.step == a.steps
-                ckpt_now = self.step % a.ckpt_every == 0 or self.step == a.steps or self._stop_requested
-                if log_now or ckpt_now:  # host sync only here
-                    stats = dist_lib.all_mean(stats, self.dist)
-                    vals = {k: float(v) for k, v in stats.items()}
-                    bad = [k for k, v in vals.items() if not math.isfinite(v)]
-                    if bad:
-                        raise FloatingPointError(
-                            f"non-finite loss at step {self.step}: {', '.join(bad)} = "
-                            f"{[vals[k] for k in bad]}; stopping. The last good checkpoint in {self.out} is "
-                            f"intact (resume with --resume, perhaps with a lower learning rate or --precision fp32)")
+                vals = self._step_boundary(stats, progress)
+                if vals is not None:
                     last = vals
-                    if log_now:
-                        progress.log(self.step, self.images_seen, vals)
-                if ckpt_now:
-                    self.save()
-                if a.eval_every and (self.step % a.eval_every == 0 or self.step == a.steps):
-                    self.snapshot(progress)
-                if self.step % a.sample_every == 0 or self.step == a.steps:
-                    self.write_samples(progress)
                 if self._stop_requested:
+                    if self._last_ckpt_step != self.step:  # the signal came after this step's boundary
+                        self.save()
                     raise _Stop()
         except _Stop:
             if self.is_main:
-                print(f"[scadfast] stopped by signal at step {self.step}; checkpoint written to {self.out}",
-                      file=sys.stderr, flush=True)
+                print(f"[scadfast] stopped by {signal.Signals(self.stop_signal).name} at step {self.step}; "
+                      f"checkpoint {self._last_ckpt} written", file=sys.stderr, flush=True)
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
-            progress.close()
+            self._optional("closing TensorBoard", progress.close)
         wall = time.perf_counter() - t0
-        curves_png = self.plot_curves() if self.is_main else None
+        curves_png = self._optional("curves plot", self.plot_curves) if self.is_main else None
+        ckpt = self._existing(ckpt_lib.LATEST)
+        samples = self._existing("samples", "latest.png")
         summary = {
             "variant": a.variant, "steps": self.step, "images_seen": self.images_seen,
             "wall_s": round(wall, 2), "images_per_s": round((self.images_seen - start_images) / max(wall, 1e-9), 2),
             "device": str(self.device), "world_size": self.dist.world_size, "run_dir": self.out,
-            "checkpoint": os.path.join(self.out, ckpt_lib.LATEST), **{k: round(v, 4) for k, v in last.items()},
+            "checkpoint": ckpt, "samples": samples, **{k: round(v, 4) for k, v in last.items()},
         }
         if progress.latest_metrics:
             summary["eval"] = progress.latest_metrics
             summary["curves"] = curves_png
+        if self.stop_signal is not None:
+            summary["stopped_by"] = signal.Signals(self.stop_signal).name
         if self.is_main:
             with open(os.path.join(self.out, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
+            losses = (f" | d_loss={last['d_loss']:.4g} g_loss={last['g_loss']:.4g}"
+                      if "d_loss" in last and "g_loss" in last else "")
             print(f"[scadfast] done: {a.variant} {self.step} steps in {format_seconds(wall)} "
-                  f"({summary['images_per_s']} img/s) | d_loss={last.get('d_loss', float('nan')):.4g} "
-                  f"g_loss={last.get('g_loss', float('nan')):.4g} | samples {self.out}/samples/latest.png | "
-                  f"checkpoint {summary['checkpoint']}", file=sys.stderr, flush=True)
+                  f"({summary['images_per_s']} img/s){losses}" + (f" | samples {samples}" if samples else "")
+                  + (f" | checkpoint {ckpt}" if ckpt else " | no checkpoint written"), file=sys.stderr, flush=True)
         return summary
+
+
+def open_run_dir(out: str) -> runlock.RunLock:
+    """Create ``out`` if needed, take its exclusive lock and remove stale temp files; clear errors
+    (one line, naming ``--out``) for a path that is a file, unwritable or already in use."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"error: --out {out} is a file, not a run directory")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: --out {out}: cannot create the run directory ({e.strerror or e})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise SystemExit(f"error: --out {out}: the run directory is not writable")
+    try:
+        lock = runlock.acquire(out)
+    except runlock.RunDirLocked as e:
+        raise SystemExit(f"error: {e}") from None
+    except OSError as e:
+        raise SystemExit(f"error: --out {out}: cannot write in the run directory ({e.strerror or e})") from None
+    removed = ckpt_lib.remove_stale_temp(out, os.path.join(out, "samples"))
+    if removed:
+        print(f"[scadfast] removed {len(removed)} stale temporary file(s) of an interrupted save: "
+              f"{', '.join(os.path.basename(r) for r in removed[:3])}", file=sys.stderr, flush=True)
+    return lock
 
 
 def _distinct(items):
@@ -560,16 +761,48 @@ def _distinct(items):
     return out
 
 
+def _remove_if_unused(out: str) -> None:
+    """Remove a run directory this process created if setup failed before anything was written."""
+    try:
+        if set(os.listdir(out)) <= {runlock.LOCK_NAME}:
+            for name in os.listdir(out):
+                os.remove(os.path.join(out, name))
+            os.rmdir(out)
+    except OSError:
+        pass
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    lock = trainer = None
+    created = bool(args.out) and not os.path.exists(args.out)
     try:
+        if _is_main_process() and args.out:
+            lock = open_run_dir(args.out)  # before the expensive setup: a busy or bad --out fails at once
         trainer = Trainer(args)
         trainer.run()
     except (ckpt_lib.CheckpointError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("[scadfast] interrupted" + (f"; the last checkpoint in {trainer.out} is intact" if trainer else ""),
+              file=sys.stderr)
+        return 128 + int(signal.SIGINT)
     finally:
+        if lock is not None:
+            lock.release()
+            if created:
+                _remove_if_unused(args.out)
         dist_lib.shutdown()
+    if trainer.stop_signal is not None:
+        return 128 + int(trainer.stop_signal)
     return 0
 
 

@@ -199,10 +199,14 @@ def test_cpu_kl_is_independent_of_thread_count():
 
 
 def test_empty_batch():
+    # The KL mean of an empty batch is undefined: the op raises (issue 11 item 10; it returned kl=nan)
+    # where the bare reference formula gives NaN.
     s, w, b, _ = _inputs("relu", requires_grad=False)
-    out = cond_aug(s[:0], w, b, torch.zeros(0, 5), mode="relu")
+    for impl in ("auto", "ref"):
+        with pytest.raises(ValueError, match=r"s is an empty batch \(shape \(0, "):
+            cond_aug(s[:0], w, b, torch.zeros(0, 5), mode="relu", impl=impl)
     ref = cond_aug_ref(s[:0], w, b, torch.zeros(0, 5), mode="relu")
-    assert out[0].shape == (0, 5) and torch.isnan(out[3]) and torch.isnan(ref[3])
+    assert ref[0].shape == (0, 5) and torch.isnan(ref[3])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -86,7 +86,7 @@ def test_missing_extension_explicit_cuda_raises(no_extension):
         torch.ops.scadfast.cond_aug(torch.randn(4, 12), eps, "glu")
 
 
-def test_explicit_cuda_impl_on_cpu_runs_the_extension(monkeypatch):
+def test_auto_impl_on_cpu_runs_the_extension_and_explicit_cuda_raises(monkeypatch):
     s, w, b, eps = _args()
     expected = cond_aug_ref(s, w, b, eps)
 
@@ -96,6 +96,8 @@ def test_explicit_cuda_impl_on_cpu_runs_the_extension(monkeypatch):
     # (scadfast.ops.cond_aug the attribute is the function; the module is in sys.modules)
     mod = importlib.import_module("scadfast.ops.cond_aug")
     monkeypatch.setattr(mod, "cond_aug_ref", no_reference)
-    for impl in ("cuda", "auto"):
-        for o, r in zip(cond_aug(s, w, b, eps, impl=impl), expected):
-            torch.testing.assert_close(o, r)
+    for o, r in zip(cond_aug(s, w, b, eps, impl="auto"), expected):
+        torch.testing.assert_close(o, r)
+    # impl="cuda" names the CUDA kernel: on CPU tensors it raises instead of running the CPU kernel.
+    with pytest.raises(RuntimeError, match="impl='cuda' needs CUDA tensors, got s on cpu"):
+        cond_aug(s, w, b, eps, impl="cuda")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -189,12 +190,17 @@ def test_config_file_and_flag_precedence(tmp_path):
         train.parse_args(["--variant", "scad_mi", "--config", str(tmp_path / "nope.yaml")])
 
 
-def test_missing_and_empty_data_paths(cache, tmp_path):
-    with pytest.raises(Exception, match=str(tmp_path / "nothing")):
-        train.main(["--variant", "galip", "--data", f"folder:{tmp_path / 'nothing'}", "--out", str(tmp_path / "r"), *TINY])
+def test_missing_and_empty_data_paths(cache, tmp_path, capsys):
+    # One line naming the problem and a non-zero exit (issue 11 item 7: before, a traceback).
+    assert train.main(["--variant", "galip", "--data", f"folder:{tmp_path / 'nothing'}", "--out",
+                       str(tmp_path / "r"), *TINY]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(tmp_path / "nothing") in err and len(err.splitlines()) == 1
     (tmp_path / "empty").mkdir()
-    with pytest.raises(Exception, match="empty|no images"):
-        train.main(["--variant", "galip", "--data", f"folder:{tmp_path / 'empty'}", "--out", str(tmp_path / "r2"), *TINY])
+    assert train.main(["--variant", "galip", "--data", f"folder:{tmp_path / 'empty'}", "--out",
+                       str(tmp_path / "r2"), *TINY]) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.search("empty|no images", err) and len(err.splitlines()) == 1
 
 
 @pytest.fixture(scope="module")
@@ -218,10 +224,22 @@ def test_truncated_checkpoint_is_named(galip_run, tmp_path, capsys):
     path = os.path.join(out, "ckpt.pt")
     data = open(path, "rb").read()
     open(path, "wb").write(data[: len(data) // 2])
+    # The damaged ckpt.pt is named, and --resume falls back to the newest intact numbered checkpoint
+    # (issue 11 item 4: before, the run was refused with no fallback).
+    for numbered in ckpt_lib.list_numbered(out)[:-1]:
+        os.remove(numbered)
     rc = train.main(["--variant", "galip", "--steps", "3", "--out", out, "--resume", *TINY])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "ckpt.pt is truncated or corrupt" in err and "resuming from" in err and "ckpt-00000002.pt" in err
+    # With no intact checkpoint left the run is refused, naming the file.
+    for p in [path] + ckpt_lib.list_numbered(out):
+        data = open(p, "rb").read()
+        open(p, "wb").write(data[: len(data) // 2])
+    rc = train.main(["--variant", "galip", "--steps", "4", "--out", out, "--resume", *TINY])
     assert rc == 1
     err = capsys.readouterr().err
-    assert "ckpt.pt" in err and "truncated or corrupt" in err
+    assert "ckpt.pt" in err and "truncated or corrupt" in err and "no intact numbered checkpoint" in err
 
 
 def test_existing_run_without_resume_is_refused(galip_run):

@@ -34,6 +34,14 @@ where the epoch ends. Webdataset shards are read through an index of member offs
 indexing time (``fn.external_source`` feeding the same decoder), because DALI's webdataset reader
 only shuffles through a buffer and cannot reproduce an epoch's order or start in its middle.
 
+Undecodable images: a file that passed the indexing check but that DALI cannot decode (e.g. a JPEG
+with valid markers and a corrupt body) is found by decoding the failing batch's files with Pillow,
+named in a :class:`~scadfast.data.sources.DataWarning` and skipped from then on: its slot in the
+epoch order is taken by the next readable record of the same rank's order (so shapes stay static),
+and the skipped set is part of ``state_dict`` (an exact resume). If DALI fails and Pillow reads every
+candidate, :class:`DataDecodeError` names them. ``check_images="decode"`` at indexing catches such
+files up front.
+
 Resuming: ``loader.state_dict()`` records ``(epoch, batch)`` — the number of batches of the epoch
 already *handed out*. ``load_state_dict`` (or :meth:`DALILoader.set_epoch` with
 ``batch=k``) makes the next iteration start at batch ``k`` of that epoch: the pipeline is built on
@@ -43,14 +51,19 @@ uninterrupted run would have produced. A pipeline is built per epoch (tens of mi
 
 from __future__ import annotations
 
+import warnings
 from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
-from .sources import DataSpec, RecordSet, load_records
+from .sources import DataSpec, DataWarning, RecordSet, _pil_decode_error, load_records
 
-__all__ = ["DALILoader", "make_loader"]
+__all__ = ["DALILoader", "DataDecodeError", "make_loader"]
+
+
+class DataDecodeError(RuntimeError):
+    """DALI could not decode an image and the culprit could not be identified and skipped."""
 
 _READER_NAME = "Reader"
 
@@ -199,6 +212,7 @@ class DALILoader:
             )
         self.epoch = 0
         self.batch = 0
+        self.skipped: set = set()  # record indices DALI could not decode (see the module docstring)
 
     # -- mapping back to the data ---------------------------------------------------------------
 
@@ -228,7 +242,10 @@ class DALILoader:
         perm = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
                 else np.arange(n))
         start = rank * self._per_rank
-        return perm[start: start + self._num_batches * self.batch_size]
+        order = perm[start: start + self._num_batches * self.batch_size]
+        if self.skipped:
+            order = _substitute(order, self.skipped)
+        return order
 
     def epoch_flips(self, epoch: int) -> np.ndarray:
         """Per-record flip decisions of ``epoch`` (all ``False`` unless ``flip=True``)."""
@@ -251,7 +268,8 @@ class DALILoader:
         """Position for checkpointing: ``epoch``, ``batch`` (batches handed out) and the layout."""
         return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed,
                 "num_records": len(self.records), "batch_size": self.batch_size,
-                "world_size": self.world_size, "shuffle": int(self.shuffle)}
+                "world_size": self.world_size, "shuffle": int(self.shuffle),
+                "skipped": sorted(int(i) for i in self.skipped)}
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
         """Resume at ``state``'s position; the order-defining settings must match."""
@@ -260,6 +278,7 @@ class DALILoader:
             if key in state and int(state[key]) != have[key]:
                 raise ValueError(f"load_state_dict: {key}={state[key]} in the checkpoint but "
                                  f"{have[key]} in this loader; the epoch order would differ")
+        self.skipped = {int(i) for i in state.get("skipped", ())}
         self.set_epoch(int(state["epoch"]), int(state["batch"]))
 
     # -- iteration ------------------------------------------------------------------------------
@@ -297,26 +316,58 @@ class DALILoader:
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         if self.batch >= len(self):
             self.epoch, self.batch = self.epoch + 1, 0
-        epoch, skip = self.epoch, self.batch
-        pipe, it, closer = self._make_iterator(epoch, skip)
-        try:
-            for out in it:
-                data = out[0]
-                images = data["images"]
-                indices = data["index"].reshape(-1).to(torch.int64)
-                if images.shape[0] != self.batch_size:  # pragma: no cover - DALI contract
-                    raise RuntimeError(f"DALI returned a batch of {images.shape[0]}, "
-                                       f"expected {self.batch_size}")
-                self.batch += 1
-                yield images, indices
-            if self.batch != len(self):  # pragma: no cover - DALI contract
-                raise RuntimeError(f"epoch {epoch} ended after {self.batch} of {len(self)} batches")
-            self.epoch, self.batch = epoch + 1, 0
-        finally:
-            if closer is not None:
-                closer.close()
-            del it
-            del pipe
+        epoch = self.epoch
+        while True:
+            pipe, it, closer = self._make_iterator(epoch, self.batch)
+            try:
+                for out in it:
+                    data = out[0]
+                    images = data["images"]
+                    indices = data["index"].reshape(-1).to(torch.int64)
+                    if images.shape[0] != self.batch_size:  # pragma: no cover - DALI contract
+                        raise RuntimeError(f"DALI returned a batch of {images.shape[0]}, "
+                                           f"expected {self.batch_size}")
+                    self.batch += 1
+                    yield images, indices
+                break
+            except RuntimeError as e:
+                if "decoders.image" not in str(e) and "decod" not in str(e).lower():
+                    raise
+                self._skip_undecodable(epoch, str(e))  # raises DataDecodeError if nothing to skip
+            finally:
+                if closer is not None:
+                    closer.close()
+                del it
+                del pipe
+        if self.batch != len(self):  # pragma: no cover - DALI contract
+            raise RuntimeError(f"epoch {epoch} ended after {self.batch} of {len(self)} batches")
+        self.epoch, self.batch = epoch + 1, 0
+
+    def _skip_undecodable(self, epoch: int, error: str) -> None:
+        """After a DALI decoding error at batch ``self.batch``: find the undecodable files among the
+        batches DALI may have been decoding (Pillow), warn naming them and skip them from now on."""
+        B = self.batch_size
+        window = self.epoch_order(epoch)[self.batch * B:(self.batch + self.prefetch_queue_depth + 1) * B]
+        bad = []
+        for i in dict.fromkeys(int(i) for i in window):
+            try:
+                why = _pil_decode_error(self.records.read_bytes(i))
+            except OSError as e:
+                why = f"unreadable ({e.strerror or e})"
+            if why is not None:
+                bad.append((i, why))
+        first = next((ln.strip() for ln in error.splitlines() if "failure" in ln or "rror" in ln), "")
+        if not bad:
+            shown = ", ".join(self.records.keys[int(i)] for i in window[:B])
+            raise DataDecodeError(f"{self.records.source}: DALI failed to decode an image of epoch {epoch}, "
+                                  f"batch {self.batch} ({first}); Pillow reads all of them: {shown}") from None
+        if len(self.skipped) + len(bad) >= self._per_rank:
+            raise DataDecodeError(f"{self.records.source}: too many undecodable images to continue "
+                                  f"({', '.join(self.records.keys[i] for i, _ in bad[:5])})") from None
+        self.skipped.update(i for i, _ in bad)
+        warnings.warn(f"{self.records.source}: skipped {len(bad)} image(s) that cannot be decoded: "
+                      + "; ".join(f"{self.records.keys[i]} ({why})" for i, why in bad[:5])
+                      + " (run with --check-images to find all such files up front)", DataWarning, stacklevel=2)
 
     def __repr__(self) -> str:
         where = "cpu" if self.device_id is None else f"cuda:{self.device_id}"
@@ -324,6 +375,22 @@ class DALILoader:
                 f"image_size={self.image_size}, batch_size={self.batch_size}, batches={len(self)}, "
                 f"device={where}, rank={self.rank}/{self.world_size}, epoch={self.epoch}, "
                 f"batch={self.batch})")
+
+
+def _substitute(order: np.ndarray, skipped: set) -> np.ndarray:
+    """``order`` with every skipped record replaced by the next non-skipped one of ``order``
+    (cyclically), so the batch count and shapes stay as they were."""
+    bad = np.isin(order, np.fromiter(skipped, dtype=np.int64, count=len(skipped)))
+    if not bad.any():
+        return order
+    good = np.flatnonzero(~bad)
+    if good.size == 0:
+        raise DataDecodeError("every record of this rank's epoch order is undecodable")
+    out = order.copy()
+    pos = np.flatnonzero(bad)
+    nxt = np.searchsorted(good, pos) % good.size
+    out[pos] = order[good[nxt]]
+    return out
 
 
 def make_loader(

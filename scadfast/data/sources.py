@@ -32,8 +32,11 @@ Error policy (the same for every source):
   checks cheaply that each image is non-empty, starts with the signature of a format the DALI
   decoder reads (JPEG, PNG, BMP, TIFF, WebP, JPEG 2000, PNM) and, for JPEG and PNG, that it is not
   truncated (ends with the EOI marker / has an IEND chunk). ``check_images="decode"`` fully
-  decodes every image with Pillow (slow; for auditing a new data set); ``"none"`` trusts the
-  data. Corruption that passes the chosen check surfaces later as a DALI decoding error.
+  decodes every image with Pillow (slow; for auditing a new data set; ``train --check-images``);
+  the files it verified are remembered in ``<cache>/verified-images.json`` (keyed by path, size
+  and modification time), so the next indexing of the same files is fast. ``"none"`` trusts the
+  data. Corruption that passes the chosen check surfaces later as a DALI decoding error, which the
+  loader names and skips (:mod:`scadfast.data.dali`).
   If no readable image is left the indexing raises.
 """
 
@@ -189,17 +192,59 @@ def check_image_bytes(head: bytes, tail: bytes, size: int) -> Optional[str]:
     return "not a supported image format (unknown signature)"
 
 
-def _check_file(path: str, mode: str) -> Optional[str]:
+class _VerifiedCache:
+    """Files a full decode found readable: ``key -> "size:mtime_ns"`` in ``<cache>/verified-images.json``."""
+
+    def __init__(self):
+        self.path = _shapes.default_cache_dir() / "verified-images.json"
+        self.dirty = False
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                self.entries = dict(json.load(f))
+        except (OSError, ValueError, TypeError):
+            self.entries = {}
+
+    def ok(self, key: str, stamp: str) -> bool:
+        return self.entries.get(key) == stamp
+
+    def add(self, key: str, stamp: str) -> None:
+        self.entries[key] = stamp
+        self.dirty = True
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        tmp = f"{self.path}.tmp-{os.getpid()}"
+        try:
+            os.makedirs(self.path.parent, exist_ok=True)
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(self.entries, f)
+            os.replace(tmp, self.path)
+        except OSError:  # a cache only: never fail indexing for it
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+        self.dirty = False
+
+
+def _check_file(path: str, mode: str, verified: Optional[_VerifiedCache] = None) -> Optional[str]:
     try:
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+            st = os.fstat(f.fileno())
+            size = st.st_size
             head = f.read(_HEAD)
             f.seek(max(size - _TAIL, 0))
             tail = f.read(_TAIL)
             reason = check_image_bytes(head, tail, size)
             if reason is None and mode == "decode":
+                key, stamp = os.path.abspath(path), f"{size}:{st.st_mtime_ns}"
+                if verified is not None and verified.ok(key, stamp):
+                    return None
                 f.seek(0)
                 reason = _pil_decode_error(f.read())
+                if reason is None and verified is not None:
+                    verified.add(key, stamp)
             return reason
     except OSError as e:
         return f"unreadable ({e.strerror or e})"
@@ -212,7 +257,8 @@ def _pil_decode_error(data: bytes) -> Optional[str]:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
     except Exception as e:  # noqa: BLE001 - any decoder failure means "corrupt"
-        return f"cannot be decoded ({type(e).__name__}: {e})"
+        msg = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the data", str(e))
+        return f"cannot be decoded ({type(e).__name__}: {msg})"
     return None
 
 
@@ -321,11 +367,14 @@ def _filter_files(source: str, files: Sequence[str], mode: str) -> List[bool]:
     if mode == "none":
         return [True] * len(files)
     keep, skipped = [], []
+    verified = _VerifiedCache() if mode == "decode" else None
     for path in files:
-        why = _check_file(path, mode)
+        why = _check_file(path, mode, verified)
         keep.append(why is None)
         if why is not None:
             skipped.append((path, why))
+    if verified is not None:
+        verified.save()
     _warn_skipped(source, skipped)
     if not any(keep):
         raise ValueError(f"{source}: no readable images ({len(files)} found, all unreadable; "
@@ -481,9 +530,23 @@ def _load_wds(ds: DataSpec, mode: str) -> RecordSet:
         members: Dict[str, Dict[str, tarfile.TarInfo]] = {}
         order: List[str] = []
         with tf, open(shard, "rb") as raw:
-            for m in tf:
+            shard_size = os.fstat(raw.fileno()).st_size
+            try:
+                listed = list(tf)  # a truncated shard fails here (tarfile.ReadError)
+            except (tarfile.TarError, OSError, EOFError) as e:
+                raise ValueError(f"{source}: shard {shard!r} is truncated or corrupt ({e})") from None
+            # tarfile stops quietly at a torn header; a complete shard ends with zero blocks there.
+            raw.seek(tf.offset)
+            rest = raw.read(1024)
+            if len(rest) < 1024 or any(rest):
+                raise ValueError(f"{source}: shard {shard!r} is truncated or corrupt (no end-of-archive "
+                                 f"marker after byte {tf.offset} of {shard_size})")
+            for m in listed:
                 if not m.isfile():
                     continue
+                if m.offset_data + m.size > shard_size:
+                    raise ValueError(f"{source}: shard {shard!r} is truncated (member {m.name} ends past "
+                                     f"the end of the file)")
                 name = os.path.basename(m.name)
                 if name.startswith("."):
                     continue

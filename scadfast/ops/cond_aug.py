@@ -23,8 +23,9 @@ as two ``torch.library.custom_op``s in namespace ``scadfast``:
 
 ``impl`` (see :mod:`scadfast.ops._impl`): ``"ref"`` the pure-PyTorch reference; ``"auto"`` the extension's
 CPU kernel on CPU tensors and its CUDA kernel on CUDA tensors, falling back to the reference with one
-``RuntimeWarning`` when the extension (or its CUDA part) is not available; ``"cuda"`` the extension, raising
-if it is not available (on CPU tensors it runs the extension's CPU kernel).
+``RuntimeWarning`` when the extension (or its CUDA part) is not available; ``"cuda"`` the extension's CUDA
+kernel, raising if it is not available or the tensors are not on a CUDA device (the CPU kernel is
+``impl="auto"`` on CPU tensors). An empty batch (B = 0) raises: the KL mean is undefined.
 
 Dtypes: float16/bfloat16/float32/float64; all tensors share ``s``'s dtype. Arithmetic is fp32 for the half
 types (fp64 for fp64); ``c_hat``, ``mu``, ``logvar`` come back in the input dtype, ``kl`` is a 0-dim fp32
@@ -240,6 +241,8 @@ def _validate(s, weight, bias, eps, mode) -> int:
         if t is not None and t.dtype != s.dtype:
             raise TypeError(f"{_OP}: {name} has dtype {t.dtype} but s has dtype {s.dtype}; they must match")
     B, d = s.shape
+    if B == 0:
+        raise ValueError(f"{_OP}: s is an empty batch (shape {tuple(s.shape)}); the KL mean needs at least one row")
     rows, d_w = weight.shape
     parts = _PARTS[mode]
     if rows == 0 or rows % parts:
@@ -267,6 +270,9 @@ def _resolve(impl: str, s: torch.Tensor) -> str:
     """``"ref"`` or ``"ext"`` (the extension's kernel for s's device)."""
     path = _impl.resolve_impl(impl, _OP, s, fused=("cuda",))
     if path == "cuda":
+        if s.device.type != "cuda":
+            raise RuntimeError(f"{_OP}: impl='cuda' needs CUDA tensors, got s on {s.device}; use impl='auto' "
+                               "for the extension's CPU kernel")
         return "ext"
     if path == "cpu":  # auto on CPU: the extension's C++ kernel is this op's fused CPU path
         if _impl.extension_available():

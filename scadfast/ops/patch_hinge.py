@@ -6,7 +6,9 @@
 With ``weight`` (broadcastable to the logits) the mean becomes ``Σ w·l / Σ w`` over the broadcast
 shape, e.g. a per-sample weight ``(B, 1, 1, 1)`` on a ``(B, 1, H, W)`` map, or a full-shape mask.
 The weight is a constant: it never receives a gradient (in every ``impl``, the reference included).
-``Σ w`` must be non-zero (a zero sum gives inf/nan, as the plain formula does).
+Weights must be non-negative with a positive sum (as ``san_d_loss``'s ``fake_weight``): a CPU weight
+that breaks this raises ``ValueError`` in every ``impl``; where the check would cost a device sync (a
+GPU weight, under ``torch.compile``) it is not made and a zero sum gives inf/NaN, as the formula does.
 
 Paths (``impl``, see :mod:`scadfast.ops._impl`):
 
@@ -250,6 +252,15 @@ def _validate(logits, real, weight) -> None:
             f"{_OP}: weight of shape {tuple(weight.shape)} is not broadcastable to logits of shape "
             f"{tuple(logits.shape)}"
         )
+    # Checked only where it costs no device sync: a plain CPU tensor in eager mode (as san_d_loss).
+    if weight.device.type == "cpu" and type(weight) is torch.Tensor and not torch.compiler.is_compiling():
+        w = weight.detach()
+        wsum = float(w.double().sum())
+        if not wsum > 0:
+            raise ValueError(f"{_OP}: weight must have a positive sum, got {wsum} (the weighted mean "
+                             f"Σw·l/Σw is undefined)")
+        if bool((w < 0).any()):
+            raise ValueError(f"{_OP}: weight must be non-negative, got a minimum of {float(w.min())}")
 
 
 def patch_hinge_loss(
@@ -272,7 +283,8 @@ def patch_hinge_loss(
     Raises:
         TypeError: non-tensor or non-float ``logits``/``weight``, ``real`` not a bool.
         ValueError: empty ``logits``, ``weight`` not broadcastable to ``logits`` (both shapes named),
-            tensors on different devices, unknown ``impl``.
+            a CPU ``weight`` with a negative entry or a non-positive sum, tensors on different
+            devices, unknown ``impl``.
         RuntimeError: ``impl="triton"`` where Triton cannot run.
     """
     _validate(logits, real, weight)

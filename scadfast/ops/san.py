@@ -93,6 +93,9 @@ def _check_loss_inputs(op, h_real, omega_real, h_fake, omega_fake, fake_weight):
             wsum = float(fake_weight.detach().double().sum())
             if not wsum > 0:
                 raise ValueError(f"{op}: fake_weight must have a positive sum, got {wsum}")
+            if bool((fake_weight.detach() < 0).any()):
+                raise ValueError(f"{op}: fake_weight must be non-negative, got a minimum of "
+                                 f"{float(fake_weight.detach().min())}")
 
 
 def _acc_of(*dtypes) -> torch.dtype:

@@ -12,7 +12,8 @@
   *in place* on the buffers; eval mode never iterates;
 * the weight is ``W / σ`` with ``σ = uᵀ W v`` computed from *clones* of ``u``, ``v`` in plain
   autograd-visible torch ops, so gradients flow through ``W`` only and double backward (the MA-GP of
-  §5.5) works unchanged;
+  §5.5) works unchanged; for fp16/bf16 weights ``σ`` and ``W / σ`` are computed in fp32 (rounded
+  once to the weight's dtype), so large weights do not overflow;
 * the matrix is ``weight.permute(dim, …).flatten(1)``; ``dim`` defaults to 1 for ``ConvTranspose``
   and 0 otherwise; 1-D weights are simply ``F.normalize``-d, as torch does.
 
@@ -357,6 +358,11 @@ class SpectralNorm(nn.Module):
         # in W (and twice differentiable) because it is plain torch.
         u = self._u.clone(memory_format=torch.contiguous_format)
         v = self._v.clone(memory_format=torch.contiguous_format)
+        if weight.dtype in (torch.float16, torch.bfloat16):
+            # σ = uᵀWv in fp32: W v overflows fp16 for large weights (|w| ~ 6e4), which made σ = inf
+            # and the weight all zeros; W / σ is then rounded once to the weight's dtype.
+            sigma = torch.vdot(u.float(), torch.mv(weight_mat.float(), v.float()))
+            return (weight.float() / sigma).to(weight.dtype)
         sigma = torch.vdot(u, torch.mv(weight_mat, v))
         return weight / sigma
 
