@@ -73,7 +73,7 @@ _PRESETS = {
     "scad_mi": VariantConfig("scad_mi", d_loss="san", fidelity="clip_patch", mi_weight=1.0),
     "scad_dd": VariantConfig("scad_dd", d_loss="san", fidelity="pixel_patchgan"),
     "ms_clip_gan": VariantConfig(
-        "ms_clip_gan", arch="ms_clip_gan", d_loss="hinge", cond_aug=True, ca_mode="relu", kl_weight=2.0,
+        "ms_clip_gan", arch="ms_clip_gan", d_loss="hinge", cond_aug=True, ca_mode="glu", kl_weight=1.0,
         clip_weight=1.0, gp_weight=0.0, lr_g=2e-4, lr_d=2e-4, betas=(0.5, 0.999),
     ),
 }
