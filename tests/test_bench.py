@@ -119,3 +119,82 @@ def test_nbytes_counts_broadcast_inputs_once():
     w = torch.ones(64, 1, 1, 1).expand(64, 1, 26, 26)
     assert common.nbytes(w) == 64 * 4
     assert common.nbytes(torch.ones(3, 5, dtype=torch.float16), None, [torch.ones(2)]) == 30 + 8
+
+
+# ---------------------------------------------------------------------------------------------
+# bench/train_step.py
+
+TRAIN_STEP = os.path.join(ROOT, "bench", "train_step.py")
+SIDE_KEYS = {
+    "status", "description", "precision", "compile", "impl", "loader", "text", "image_size", "build_s", "warmup_s",
+    "window_images_per_s", "window_step_s", "images_per_s", "images_per_s_min", "images_per_s_max",
+    "step_s_median", "peak_memory", "images_per_step", "flops_per_step", "flops_per_image", "flops_note",
+    "achieved_tflops", "peak_tflops", "peak_source", "mfu", "projection",
+}
+
+
+def test_train_step_tiny_runs_both_sides(tmp_path):
+    out = tmp_path / "train_step.json"
+    cache = tmp_path / "cache"
+    proc = subprocess.run(
+        [sys.executable, TRAIN_STEP, "--tiny", "--variant", "scad_mi", "--device", "cpu", "--out", str(out)],
+        cwd=ROOT, env=_env(SCADFAST_CACHE=str(cache)), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["schema"] == "scadfast.bench.train_step/1" and res["complete"] is True
+    for key in ("device", "versions", "date", "command", "argv", "settings", "peak", "schedules", "sides", "ratio"):
+        assert key in res, key
+    assert res["versions"]["torch"] and "triton" in res["versions"]
+    assert "train_step.py" in res["command"] and "--tiny" in res["argv"]
+    st = res["settings"]
+    assert st["variant"] == "scad_mi" and st["batch_size"] == 4 and st["tiny"] is True
+    assert st["train_argv"][:2] == ["--variant", "scad_mi"] and "--device" in st["train_argv"]
+    assert res["peak"]["measured_tflops"] > 0
+
+    sides = res["sides"]
+    assert set(sides) == {"scadfast", "reference"}
+    for name, side in sides.items():
+        assert side["status"] == "ok", side.get("traceback")
+        assert SIDE_KEYS <= set(side), SIDE_KEYS - set(side)
+        assert len(side["window_images_per_s"]) == st["windows"] == 2
+        assert side["images_per_s_min"] <= side["images_per_s"] <= side["images_per_s_max"]
+        assert side["images_per_s"] > 0 and side["images_per_step"] == 4
+        assert side["peak_memory"]["peak_mib"] > 0
+        assert side["flops_per_image"] > 1e6 and side["flops_per_step"] == pytest.approx(4 * side["flops_per_image"])
+        assert 0 < side["mfu"] and side["peak_tflops"] == res["peak"]["measured_tflops"]
+        proj = {p["name"]: p for p in side["projection"]}
+        assert len(proj) == len(res["schedules"]) >= 3
+        for p in proj.values():
+            if "images_seen" in p:
+                assert p["device_days"] == pytest.approx(p["images_seen"] / side["images_per_s"] / 86400)
+            else:
+                assert p["images_in_budget"] == pytest.approx(p["gpu_days_budget"] * 86400 * side["images_per_s"])
+    assert sides["scadfast"]["impl"] == "auto" and sides["scadfast"]["loader"].startswith("DALI")
+    assert sides["reference"]["impl"] == "ref" and "DataLoader" in sides["reference"]["loader"]
+    assert sides["reference"]["precision"] == "fp32"  # GALIP-style on a CPU: fp32, no GradScaler
+    # The reference also runs the CLIP text tower every step: never fewer FLOPs than scadfast's step.
+    assert sides["reference"]["flops_per_image"] >= sides["scadfast"]["flops_per_image"] * 0.99
+    ratio = res["ratio"]
+    assert ratio["images_per_s"] == pytest.approx(sides["scadfast"]["images_per_s"] / sides["reference"]["images_per_s"])
+    assert ratio["images_per_s_worst_case"] == pytest.approx(
+        sides["scadfast"]["images_per_s_min"] / sides["reference"]["images_per_s_max"])
+    assert "ratio scadfast/reference" in proc.stdout and "CPU NUMBERS" in proc.stdout
+
+
+def test_train_step_projection_and_peaks():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import train_step
+    finally:
+        sys.path.pop(0)
+    rows = {r["name"]: r for r in train_step.project(1000.0)}
+    one = rows["GALIP COCO, one epoch (public code)"]
+    assert one["device_days"] == pytest.approx(82783 / 1000.0 / 86400) and one["gpus"] == 8
+    assert one["wall_days_on_gpus"] == pytest.approx(one["device_days"] / 8)
+    assert all(r["device_days"] is None for r in train_step.project(None))
+    assert train_step.gpu_peak_tflops("NVIDIA H100 80GB HBM3", "bf16")[0] == 989.4
+    assert train_step.gpu_peak_tflops("NVIDIA H200", "fp16")[0] == 989.4
+    assert train_step.gpu_peak_tflops("NVIDIA H100 PCIe", "bf16")[0] == 756.0
+    assert train_step.gpu_peak_tflops("NVIDIA H100 NVL", "bf16")[0] is None
+    assert train_step.gpu_peak_tflops(None, "bf16")[0] is None
