@@ -23,9 +23,11 @@ In one process, on one device, with the same variant, batch, image size and imag
     decoding and torchvision transforms (resize of the shorter side, centre crop, normalise to
     [-1, 1] — the same preprocessing as scadfast's DALI pipeline; no flip, as the shapes captions
     name left/right) over the same image files. The losses are the pair's own ``d_loss`` /
-    ``g_loss`` (what is computed matches scadfast's step by construction; GALIP's code additionally
-    reuses the D step's fake for the G step — compare ``flops_per_image`` of the two sides to see
-    whether the sides compute the same amount).
+    ``g_loss``; like GALIP's code, the fakes are generated once per iteration with G's graph
+    (``pair.make_fake``), used detached by the D step and reused by the G step, where the model pair
+    offers that (``fake_reuse`` in the JSON; otherwise each loss generates its own). Compare
+    ``flops_per_image`` of the two sides to see whether they compute the same amount (the reference
+    also runs the CLIP text tower).
 
 Reported per side: images/s (median over ``--windows`` timed windows of ``--steps`` training
 iterations after ``--warmup`` iterations, with min/max), peak memory (CUDA max allocated; on a CPU
@@ -263,6 +265,17 @@ class FilesDataset:
         return self.transform(img), self.captions[i]
 
 
+def worker_context(workers: int):
+    """Start DataLoader workers from a fork server, not by forking this process: by the time the
+    reference runs, this process has DALI and OpenMP threads, and a forked child can inherit a lock
+    one of them held (a worker hung that way once on a loaded 2-core machine)."""
+    if workers <= 0:
+        return None
+    import multiprocessing as mp
+
+    return mp.get_context("forkserver") if "forkserver" in mp.get_all_start_methods() else None
+
+
 def data_spec(targs) -> str:
     """The data spec the Trainer reads (the embedded shapes set lives in the cache directory)."""
     if targs.data != "shapes":
@@ -297,7 +310,7 @@ class ReferenceStep:
         self.loader = DataLoader(
             FilesDataset(records.files, records.captions, self.image_size), batch_size=targs.batch_size,
             shuffle=True, drop_last=True, num_workers=workers, pin_memory=cuda, generator=gen,
-            persistent_workers=workers > 0)
+            persistent_workers=workers > 0, multiprocessing_context=worker_context(workers))
         if len(self.loader) == 0:
             raise ValueError(f"{len(records)} records give no full batch of {targs.batch_size}")
         torch.manual_seed(targs.seed)
@@ -309,6 +322,12 @@ class ReferenceStep:
         self._it = self._batches()
         self.workers = workers
         self.records = len(records)
+        # GALIP's code generates the fakes once per iteration (with G's graph), detaches them for the D
+        # step and reuses them for the G step; do the same where the model pair supports it.
+        import inspect
+
+        self.fake_reuse = hasattr(self.pair, "make_fake") and all(
+            "fake" in inspect.signature(fn).parameters for fn in (self.pair.d_loss, self.pair.g_loss))
 
     def _batches(self):
         while True:
@@ -332,20 +351,27 @@ class ReferenceStep:
         import torch
 
         cfg, dev = self.cfg, self.device
-        for _ in range(cfg.n_critic):
+        fake = None
+        for i in range(cfg.n_critic):
             imgs, caps = next(self._it)
             real = imgs.to(dev, non_blocking=True)
             s = self._text(caps)  # CLIP text encoding every step, as GALIP's prepare_data does
             z = torch.randn(real.shape[0], cfg.z_dim, device=dev)
             with self._autocast():
-                d_loss, _ = self.pair.d_loss(real, s, z, impl="ref")
+                if self.fake_reuse:
+                    fake = self.pair.make_fake(z, s, impl="ref") if i == cfg.n_critic - 1 else None
+                    d_loss, _ = self.pair.d_loss(real, s, z, impl="ref", fake=fake)
+                else:
+                    d_loss, _ = self.pair.d_loss(real, s, z, impl="ref")
             self.opt_d.zero_grad(set_to_none=True)
             self.scaler_d.scale(d_loss).backward()
             self.scaler_d.step(self.opt_d)
             self.scaler_d.update()
-        z = torch.randn(real.shape[0], cfg.z_dim, device=dev)
         with self._autocast():
-            g_loss, _ = self.pair.g_loss(s, z, impl="ref")
+            if self.fake_reuse:
+                g_loss, _ = self.pair.g_loss(s, z, impl="ref", fake=fake)
+            else:
+                g_loss, _ = self.pair.g_loss(s, torch.randn(real.shape[0], cfg.z_dim, device=dev), impl="ref")
         self.opt_g.zero_grad(set_to_none=True)
         self.scaler_g.scale(g_loss).backward()
         self.scaler_g.step(self.opt_g)
@@ -397,8 +423,10 @@ def _run_side(name, targs, device, opts, peak) -> dict:
             side.update(
                 description="GALIP-style reference: eager, " + ("fp16 autocast + GradScaler" if device.type == "cuda"
                                                                 else "fp32") + ", sn_impl='ref' and impl='ref', "
-                "CLIP text encoding every step, torch DataLoader (PIL + torchvision)",
-                precision=ref.precision, compile=False, impl="ref",
+                "CLIP text encoding every step, torch DataLoader (PIL + torchvision), "
+                + ("fakes generated once per iteration and reused for the G step (GALIP)" if ref.fake_reuse else
+                   "fakes generated by d_loss (no grad) and again by g_loss (this model pair cannot reuse them)"),
+                precision=ref.precision, compile=False, impl="ref", fake_reuse=ref.fake_reuse,
                 loader=f"torch.utils.data.DataLoader, PIL + torchvision, num_workers={ref.workers}",
                 text="CLIP text tower every step", image_size=ref.image_size)
             step = ref
