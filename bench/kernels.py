@@ -3,6 +3,7 @@
 
     python bench/kernels.py [--ops OP ...] [--quick] [--out FILE.json] [--dtype fp32|fp16|bf16]
                             [--providers eager compiled fused] [--modes fwd fwd+bwd] [--no-flush]
+                            [--kinds model sweep] [--shapes bench/op_shapes.json] [--clip ViT-B-32]
 
 For every op and case three providers run side by side in one process:
 
@@ -16,10 +17,15 @@ in two modes: ``fwd`` (inputs do not require grad) and ``fwd+bwd`` (forward, the
 ``torch.autograd.grad`` of all outputs w.r.t. the differentiable inputs with fixed random output
 gradients). The spectral-norm power iteration has no backward (it runs under no_grad in training).
 
-Cases: the shapes the models use (``model`` rows: SAN head B=64, d_h=2048; PatchGAN hinge 64×1×26×26;
-conditioning augmentation B=64, 512 → 2·128 (relu) / 4·128 (glu); every spectral-normalised weight
-of a SCAD-like discriminator, see ``SN_WEIGHTS``) and a size sweep where bandwidth matters
-(``sweep`` rows).
+Cases: the shapes the models use (``model`` rows) and a size sweep where bandwidth matters (``sweep``
+rows). The model shapes are read from ``bench/op_shapes.json``, written by ``bench/shapes.py``, which
+records with hooks what each fused op sees in the real models of every variant (``--clip ViT-B-32``:
+224 px, batch 64, GALIP's widths — the default; ``--clip scadfast-tiny``: the embedded CPU default).
+One ``model`` case per distinct call signature: every spectral-normalised weight matrix (each
+distinct (rows, cols) once, named after a module holding it and the variants using it), the grouped
+update of each model that uses one plus all SCAD discriminator weights as one group, the SAN (h, ω)
+pairs and SAN D-loss inputs, every patch-logit map (and weight) of the hinge losses, and the
+conditioning-augmentation inputs. ``--kinds`` selects model and/or sweep rows.
 
 Reported per row: median time (ms), speed-up vs eager and vs compiled, bytes moved under the op's
 byte model, GB/s, and on a GPU the percentage of the device's peak HBM bandwidth (table in
@@ -58,22 +64,58 @@ PROVIDERS = ("eager", "compiled", "fused")
 MODES = ("fwd", "fwd+bwd")
 SCHEMA = "scadfast.bench.kernels/1"
 
-# Spectral-normalised weights of a SCAD-like discriminator as (rows, cols) matrices (out, in·kh·kw).
-# PLACEHOLDER written by hand from SPEC §5.3/§5.4 (ViT-B/32 trunk ending in a 512-channel 7×7 map,
-# sentence embedding 512): replace with the shapes found by instrumenting the real model (collect
-# ``parametrizations.weight.original`` of every SN module of a built scad / scad_dd discriminator,
-# reshaped as its SN ``dim`` dictates).
-SN_WEIGHTS: list[tuple[str, tuple[int, int]]] = [
-    ("semantic head conv3x3 (512+512->512)", (512, 1024 * 9)),
-    ("semantic head conv4x4 (512->128)", (128, 512 * 16)),
-    ("fidelity head conv3x3 (512->256)", (256, 512 * 9)),
-    ("fidelity head conv1x1 (256->1)", (1, 256)),
-    ("PatchGAN C64 conv4x4 (3->64)", (64, 3 * 16)),
-    ("PatchGAN C128 conv4x4 (64->128)", (128, 64 * 16)),
-    ("PatchGAN C256 conv4x4 (128->256)", (256, 128 * 16)),
-    ("PatchGAN C512 conv4x4 (256->512)", (512, 256 * 16)),
-    ("PatchGAN C1 conv4x4 (512->1)", (1, 512 * 16)),
-]
+# Shapes the models use: bench/op_shapes.json (bench/shapes.py). Loaded on first use (see _shapes()).
+OP_SHAPES_PATH = os.path.join(HERE, "op_shapes.json")
+OP_SHAPES_CLIP = "ViT-B-32"
+_OP_SHAPES: dict | None = None
+
+
+def _shapes() -> dict:
+    global _OP_SHAPES
+    if _OP_SHAPES is None:
+        if HERE not in sys.path:
+            sys.path.insert(0, HERE)
+        import shapes as shapes_mod
+
+        if not os.path.isfile(OP_SHAPES_PATH):
+            raise FileNotFoundError(f"{OP_SHAPES_PATH} not found: run `python bench/shapes.py` to record the "
+                                    "shapes the models use")
+        _OP_SHAPES = shapes_mod.load(OP_SHAPES_PATH)
+        _OP_SHAPES["_mod"] = shapes_mod
+    return _OP_SHAPES
+
+
+def _model_cases(op: str) -> list[dict]:
+    data = _shapes()
+    return data["_mod"].model_cases(data, op, OP_SHAPES_CLIP)
+
+
+def sn_weights() -> list[tuple[str, tuple[int, int]]]:
+    """Every distinct spectral-normalised weight matrix of every variant at the chosen CLIP setup,
+    as ``(name, (rows, cols))`` (rows = out, cols = in·kh·kw), largest first."""
+    data = _shapes()
+    return data["_mod"].sn_weights(data, OP_SHAPES_CLIP, variant_set=None)
+
+
+def sn_groups() -> list[tuple[str, list[tuple[int, int]]]]:
+    """Grouped power-iteration cases: each model's weights updated by one grouped call
+    (``spectral_norm_all(grouped=True)``), and all SN weights of the SCAD discriminators as one group."""
+    data = _shapes()
+    groups = []
+    for m in data["models"]:
+        if m["clip"] != OP_SHAPES_CLIP:
+            continue
+        mats = {}
+        for c in m["calls"]:
+            if c["op"] == "spectral_norm" and c.get("grouped"):
+                mats.setdefault(c["module"], tuple(c["shapes"]["matrix"]))
+        if mats:
+            groups.append((f"{m['variant']} grouped update ({len(mats)} weights)", list(mats.values())))
+    scad = [s for _, s in data["_mod"].sn_weights(data, OP_SHAPES_CLIP)]
+    if scad:
+        groups.append((f"all {len(scad)} SN weights of the SCAD discriminators", scad))
+    return groups
+
 
 BYTE_MODELS = {
     "power_iteration_": "n_iter=1: W read twice (W·v, then Wᵀ·u depends on the normalised u, so a "
@@ -151,9 +193,15 @@ def _hinge_spec(quick: bool, cuda: bool) -> OpSpec:
         return make
 
     spec = OpSpec("patch_hinge_loss", call)
-    model = [("PatchGAN D map (scad_dd)", (64, 1, 26, 26), None),
-             ("PatchGAN map, per-sample weight", (64, 1, 26, 26), (64, 1, 1, 1)),
-             ("CLIP-patch fidelity head", (64, 1, 7, 7), None)]
+    model, seen = [], set()
+    for e in _model_cases("patch_hinge_loss"):  # real and fake calls of one shape time the same
+        shape, ws = tuple(e["shapes"]["logits"]), e["shapes"]["weight"]
+        ws = tuple(ws) if ws else None
+        if (shape, ws) in seen:
+            continue
+        seen.add((shape, ws))
+        what = f"patch logits {shape[-2]}x{shape[-1]}" if len(shape) == 4 else "per-sample logits"
+        model.append((f"{what}{', weighted' if ws else ''} [{','.join(e['variants'])}]", shape, ws))
     if quick:
         model = model[:1]
     for name, shape, ws in model:
@@ -174,9 +222,10 @@ def _san_logits_spec(quick: bool, cuda: bool) -> OpSpec:
         return lambda device, dtype, rg: [_randn((b, d), device, dtype, rg), _randn((b, d), device, dtype, rg)]
 
     spec = OpSpec("san_logits", call)
-    model = [(64, 2048), (64, 512), (64, 8192)]
-    for b, d in model[:1] if quick else model:
-        spec.cases.append(Case(spec.name, f"SAN head B={b} d_h={d}", "model", f"{b}x{d}", mk(b, d), diff=(0, 1)))
+    model = [(e["shapes"]["h"][0], e["shapes"]["h"][1], e) for e in _model_cases("san_logits")]
+    for b, d, e in model[:1] if quick else model:
+        spec.cases.append(Case(spec.name, f"SAN head B={b} d_h={d} ({'/'.join(e['phases'])}) [{','.join(e['variants'])}]",
+                               "model", f"{b}x{d}", mk(b, d), diff=(0, 1)))
     for b, d in _sizes(quick, cuda, [(1024, 8192), (16384, 8192)], [(1024, 2048)], [(16384, 8192)], [(1024, 2048)]):
         spec.cases.append(Case(spec.name, f"sweep B={b} d_h={d}", "sweep", f"{b}x{d}", mk(b, d), diff=(0, 1)))
     return spec
@@ -188,16 +237,18 @@ def _san_d_loss_spec(quick: bool, cuda: bool) -> OpSpec:
     def call(a, impl):
         return san_d_loss(a[0], a[1], a[2], a[3], impl=impl)
 
-    def mk(b, d):
-        # Real pairs (B) and fake + mismatched pairs (2B) in one call, as the SCAD D step does.
+    def mk(b, d, bf=None):
+        # Real pairs (B) and fake + mismatched pairs (2B by default) in one call, as the SCAD D step does.
+        bf = 2 * b if bf is None else bf
         return lambda device, dtype, rg: [_randn((b, d), device, dtype, rg), _randn((b, d), device, dtype, rg),
-                                          _randn((2 * b, d), device, dtype, rg), _randn((2 * b, d), device, dtype, rg)]
+                                          _randn((bf, d), device, dtype, rg), _randn((bf, d), device, dtype, rg)]
 
     spec = OpSpec("san_d_loss", call)
-    model = [(64, 2048), (64, 512), (64, 8192)]
-    for b, d in model[:1] if quick else model:
-        spec.cases.append(Case(spec.name, f"SAN D loss B={b}+{2 * b} d_h={d}", "model", f"{b}+{2 * b}x{d}", mk(b, d),
-                               diff=(0, 1, 2, 3)))
+    model = [(e["shapes"]["h_real"][0], e["shapes"]["h_fake"][0], e["shapes"]["h_real"][1], e)
+             for e in _model_cases("san_d_loss")]
+    for b, bf, d, e in model[:1] if quick else model:
+        spec.cases.append(Case(spec.name, f"SAN D loss B={b}+{bf} d_h={d} [{','.join(e['variants'])}]", "model",
+                               f"{b}+{bf}x{d}", mk(b, d, bf), diff=(0, 1, 2, 3)))
     for b, d in _sizes(quick, cuda, [(1024, 8192), (8192, 8192)], [(1024, 2048)], [(8192, 8192)], [(1024, 2048)]):
         spec.cases.append(Case(spec.name, f"sweep B={b}+{2 * b} d_h={d}", "sweep", f"{b}+{2 * b}x{d}", mk(b, d),
                                diff=(0, 1, 2, 3)))
@@ -219,10 +270,10 @@ def _cond_aug_spec(quick: bool, cuda: bool) -> OpSpec:
         return make
 
     spec = OpSpec("cond_aug", None)
-    model = [(64, 512, 128, "relu"), (64, 512, 128, "glu")]
+    model = [(e["shapes"]["s"][0], e["shapes"]["s"][1], e["shapes"]["eps"][1], e["mode"]) for e in _model_cases("cond_aug")]
     sweep = _sizes(quick, cuda, [(4096, 512, 128, "glu"), (65536, 512, 128, "glu")], [(4096, 512, 128, "glu")],
                    [(65536, 512, 128, "glu")], [(1024, 512, 128, "glu")])
-    for kind, items in (("model", model[1:] if quick else model), ("sweep", sweep)):
+    for kind, items in (("model", model[:1] if quick else model), ("sweep", sweep)):
         for b, d, e, mode in items:
             name = (f"CA B={b} {d}->{'4' if mode == 'glu' else '2'}x{e} ({mode})" if kind == "model"
                     else f"sweep B={b} ({mode})")
@@ -254,7 +305,8 @@ def _sn_spec(quick: bool, cuda: bool) -> OpSpec:
         return nbytes_of(a[0])  # the second read of W (see BYTE_MODELS)
 
     spec = OpSpec("power_iteration_", call)
-    weights = SN_WEIGHTS[:1] if quick else SN_WEIGHTS
+    weights = sn_weights()
+    weights = weights[:1] if quick else weights
     for name, (r, c) in weights:
         spec.cases.append(Case(spec.name, name, "model", f"{r}x{c}", mk(r, c), modes=("fwd",), inplace=(1, 2),
                                extra_bytes=w_again))
@@ -286,10 +338,11 @@ def _sn_grouped_spec(quick: bool, cuda: bool) -> OpSpec:
         return nbytes_of(a[: len(a) // 3])
 
     spec = OpSpec("power_iteration_grouped_", call)
-    shapes = [s for _, s in SN_WEIGHTS]
-    n = len(shapes)
-    spec.cases.append(Case(spec.name, f"all {n} SN weights of the SCAD-like D", "model", f"{n} weights",
-                           mk(shapes), modes=("fwd",), inplace=tuple(range(n, 3 * n)), extra_bytes=w_again))
+    groups = sn_groups()
+    for name, shapes in groups[-1:] if quick else groups:
+        n = len(shapes)
+        spec.cases.append(Case(spec.name, name, "model", f"{n} weights", mk(shapes), modes=("fwd",),
+                               inplace=tuple(range(n, 3 * n)), extra_bytes=w_again))
     for k, (r, c) in _sizes(quick, cuda, [(32, (1024, 1024)), (16, (4096, 4096))], [(16, (512, 512))],
                             [(16, (4096, 4096))], [(8, (256, 256))]):
         spec.cases.append(Case(spec.name, f"sweep {k} x {r}x{c}", "sweep", f"{k}x({r}x{c})", mk([(r, c)] * k),
@@ -446,7 +499,17 @@ def run(argv=None) -> int:
     p.add_argument("--no-flush", action="store_true", help="GPU: do not flush the L2 cache before each timed call")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--reps", type=int, default=None, help="maximum timed calls per measurement")
+    p.add_argument("--kinds", nargs="+", default=["model", "sweep"], choices=["model", "sweep"],
+                   help="model shapes (from --shapes) and/or the bandwidth sweep")
+    p.add_argument("--shapes", default=None, help="op-shape file of bench/shapes.py (default bench/op_shapes.json)")
+    p.add_argument("--clip", default=None, choices=["ViT-B-32", "scadfast-tiny"],
+                   help="which setup's model shapes (default ViT-B-32: 224 px, batch 64)")
     args = p.parse_args(argv)
+    global OP_SHAPES_PATH, OP_SHAPES_CLIP
+    if args.shapes:
+        OP_SHAPES_PATH = os.path.abspath(args.shapes)
+    if args.clip:
+        OP_SHAPES_CLIP = args.clip
     if args.out:  # before any measuring (the default results folder is in the source tree)
         from scadfast.outputs import unwritable_reason
 
@@ -517,7 +580,7 @@ def run(argv=None) -> int:
             spec.fused_missing = _fused_missing(op, spec, device)
         except Exception as e:  # noqa: BLE001
             spec.fused_missing = f"not available: {type(e).__name__}: {e}"[:300]
-        for case in spec.cases:
+        for case in [c for c in spec.cases if c.kind in args.kinds]:
             for mode in [m for m in args.modes if m in case.modes]:
                 rows.extend(_run_case(spec, case, mode, device, dtype, args, timer, env))
                 sys.stdout.flush()
@@ -560,11 +623,13 @@ def _result(env, cuda, args, warmup, reps, timer, rows, complete: bool) -> dict:
         **env,
         "complete": complete,
         "cpu_numbers": not cuda,
-        "settings": {"quick": args.quick, "dtype": args.dtype, "ops": args.ops, "providers": args.providers,
+        "settings": {"quick": args.quick, "dtype": args.dtype, "ops": args.ops, "providers": args.providers, "kinds": args.kinds,
                      "modes": args.modes, "warmup": warmup, "max_reps": reps, "l2_flush": timer.flush_l2},
         "timing": timing,
         "byte_models": {op: BYTE_MODELS[op] for op in args.ops},
-        "sn_weights": [{"name": n, "shape": list(s)} for n, s in SN_WEIGHTS],
+        "op_shapes": {"file": os.path.relpath(OP_SHAPES_PATH, ROOT) if OP_SHAPES_PATH.startswith(ROOT) else OP_SHAPES_PATH,
+                      "clip": OP_SHAPES_CLIP, "kinds": args.kinds},
+        "sn_weights": [{"name": n, "shape": list(s)} for n, s in sn_weights()],
         "rows": rows,
     }
 
