@@ -138,22 +138,28 @@ def gpu_peak_tflops(name: str | None, precision: str) -> tuple[float | None, str
 
 
 def measure_matmul_tflops(device, dtype, n: int, reps: int) -> float:
-    """Best-of-``reps`` throughput of an n×n×n matmul (TFLOP/s) with the current thread settings."""
+    """Best-of-``reps`` throughput of an n×n×n matmul (TFLOP/s) with the current thread settings.
+
+    GPU: wall time. CPU: this process's CPU time divided by the thread count, so that a share of the
+    cores taken by other processes does not lower the peak (the step's own rate is wall-clock)."""
     import torch
 
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    cuda = device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    clock = time.perf_counter if cuda else time.process_time
+    threads = 1 if cuda else max(1, torch.get_num_threads())
     for _ in range(2):
         a @ b
     sync()
     best = math.inf
     for _ in range(reps):
-        t = time.perf_counter()
+        t = clock()
         a @ b
         sync()
-        best = min(best, time.perf_counter() - t)
-    return 2.0 * n ** 3 / best / 1e12
+        best = min(best, (clock() - t) / threads)
+    return 2.0 * n ** 3 / max(best, 1e-9) / 1e12
 
 
 def project(images_per_s: float | None) -> list[dict]:
@@ -557,7 +563,8 @@ def run(argv=None) -> int:
         n = 512 if opts.tiny else 1024
         peak["measured_tflops"] = measure_matmul_tflops(device, torch.float32, n, 3 if opts.tiny else 8)
         peak["measured_source"] = (f"measured in this run: best of fp32 {n}x{n} matmuls with "
-                                   f"{torch.get_num_threads()} thread(s) (no data-sheet peak for CPUs)")
+                                   f"{torch.get_num_threads()} thread(s), process CPU time / threads "
+                                   "(no data-sheet peak for CPUs)")
     banner = (f"train-step benchmark: {opts.variant} on {env['device']['name']} ({device.type}), batch "
               f"{targs.batch_size}, warmup {opts.warmup}, {opts.windows} windows x {opts.steps} steps; "
               f"scadfast.train argv: {' '.join(train_argv)}")

@@ -138,7 +138,7 @@ def test_train_step_tiny_runs_both_sides(tmp_path):
     cache = tmp_path / "cache"
     proc = subprocess.run(
         [sys.executable, TRAIN_STEP, "--tiny", "--variant", "scad_mi", "--device", "cpu", "--out", str(out)],
-        cwd=ROOT, env=_env(SCADFAST_CACHE=str(cache)), capture_output=True, text=True, timeout=300,
+        cwd=ROOT, env=_env(SCADFAST_CACHE=str(cache)), capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
