@@ -116,3 +116,17 @@ def check_in_sync(modules, info: DistInfo) -> None:
         if not torch.equal(local, ref):
             n = int((local != ref).sum())
             raise RuntimeError(f"rank {info.rank}: model replicas diverged from rank 0 ({n} tensor checksums differ)")
+
+
+def all_true(flag: bool, info: DistInfo) -> bool:
+    """Whether ``flag`` is true on every rank (a collective: every rank must call it; it also acts as
+    a barrier). Used to agree on one-time setup work (caches) so no rank waits for a step that
+    another rank skipped."""
+    if not info.enabled:
+        return bool(flag)
+    device = "cpu"
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    t = torch.tensor([0 if flag else 1], dtype=torch.int32, device=device)
+    dist.all_reduce(t)
+    return int(t.item()) == 0

@@ -26,6 +26,7 @@ from . import checkpoint as ckpt_lib
 from . import distributed as dist_lib
 from . import runlock, variants
 from .grid import make_grid, save_grid
+from .models.text_cache import gather_rows
 from .progress import Progress, format_seconds
 
 # Switches that only make sense for one model family (checked so a user learns the flag is ignored).
@@ -38,7 +39,7 @@ DEFAULTS = dict(
     batch_size=16, steps=600, precision=None, compile=None, impl="auto", seed=0, out=None,
     resume=False, log_every=25, sample_every=200, ckpt_every=200, keep_ckpts=3, device=None,
     cache_dir=None, sample_prompts=8, sample_noise=8, check_images=False, eval_every=0, eval_prompts=16,
-    eval_n=16, ema_kimg=0.0, ema_rampup=0.05,
+    eval_n=16, ema_kimg=0.0, ema_rampup=0.05, text_emb_dtype="fp32",
 )
 
 
@@ -96,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open_clip tag (e.g. openai), a local checkpoint path, or 'shapes' (the shipped weights of "
                         "scadfast-tiny; the default for it), 'none' for random init")
     g.add_argument("--image-size", type=int, default=S, help="output resolution (default: the CLIP image size)")
+    g.add_argument("--text-emb-dtype", choices=["fp32", "fp16"], default=S,
+                   help="storage of the cached caption embeddings (kept on the host, memory-mapped; each batch's "
+                        "rows are copied to the device as fp32); fp16 halves the file, e.g. for CC12M (default fp32)")
     g.add_argument("--batch-size", type=int, default=S, help="images per process per step (default 16)")
     g.add_argument("--check-images", action="store_true", default=S,
                    help="fully decode every image when indexing and skip undecodable ones (slow the first "
@@ -294,15 +298,20 @@ class Trainer:
         self._last_ckpt_step = None
 
         from .models.clip import FrozenCLIP
-        from .models.text_cache import TextEmbeddingCache
+        from .models.text_cache import EmbeddingCacheError, TextEmbeddingCache
 
         torch.manual_seed(args.seed)  # identical initialisation on every rank
         self.clip = FrozenCLIP(args.clip, pretrained=args.clip_pretrained, device=self.device)
         self.image_size = args.image_size or self.clip.image_size
         self.loader = self._make_loader()
         cache_dir = os.path.join(self._cache_dir(), "text-embeddings")
-        emb = TextEmbeddingCache(self.clip, cache_dir).embed(self.loader.captions)
-        self.text_emb = torch.as_tensor(emb).to(self.device, torch.float32)
+        try:  # encoded once, split across the ranks; kept on the host: batches gather their rows
+            self.text_store = TextEmbeddingCache(self.clip, cache_dir).embed(
+                self.loader.captions, dtype={"fp16": "float16"}.get(args.text_emb_dtype, "float32"),
+                rank=self.dist.rank, world_size=self.dist.world_size, sync=self._all_true)
+        except EmbeddingCacheError as e:
+            raise DataError(f"--cache-dir {self._cache_dir()}: {e}") from None
+        self.text_emb = torch.as_tensor(self.text_store)  # (N, d) on the host, memory-mapped
 
         torch.manual_seed(args.seed)
         self.pair = variants.build(self.cfg, self.clip, img_size=self.image_size).to(self.device)
@@ -322,7 +331,8 @@ class Trainer:
         prompts = _distinct(self.loader.captions)[: args.sample_prompts]
         self.sample_prompts = prompts
         idx = [self.loader.captions.index(p) for p in prompts]
-        self.sample_s = self.text_emb[idx].repeat_interleave(args.sample_noise, 0)
+        self.sample_s = gather_rows(self.text_emb, torch.tensor(idx, dtype=torch.int64),
+                                    self.device).repeat_interleave(args.sample_noise, 0)
         self.sample_z = torch.randn(args.sample_noise, self.cfg.z_dim, generator=gen).repeat(len(prompts), 1).to(self.device)
         self.evaluator = self._make_evaluator() if args.eval_every and self.is_main else None
 
@@ -330,6 +340,9 @@ class Trainer:
     def _cache_dir(self) -> str:
         return self.args.cache_dir or os.environ.get("SCADFAST_CACHE") or os.path.join(
             os.path.expanduser("~"), ".cache", "scadfast")
+
+    def _all_true(self, flag: bool) -> bool:
+        return dist_lib.all_true(flag, self.dist)
 
     def _make_loader(self):
         from .data import make_loader
@@ -344,6 +357,8 @@ class Trainer:
                 device_id=(self.device.index or 0) if self.device.type == "cuda" else None,
                 rank=self.dist.rank, world_size=self.dist.world_size, seed=a.seed,
                 check_images="decode" if a.check_images else "header",
+                index={"cache_dir": os.path.join(self._cache_dir(), "wds-index"), "sync": self._all_true,
+                       "verbose": self.is_main},
             )
         except (ValueError, OSError) as e:  # missing / empty / malformed data, batch > data set
             msg = str(e)
@@ -440,7 +455,7 @@ class Trainer:
         """Endless (images, s) stream; the loader tracks (epoch, batch) for an exact resume."""
         while True:
             for images, idx in self.loader:
-                yield images.to(self.device, non_blocking=True), self.text_emb[idx.to(self.device)]
+                yield images.to(self.device, non_blocking=True), gather_rows(self.text_emb, idx, self.device)
 
     def _opt_step(self, loss, opt, params):
         opt.zero_grad(set_to_none=True)

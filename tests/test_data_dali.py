@@ -49,6 +49,15 @@ def decode_ids(images: torch.Tensor):
     return torch.round((coded - 20) / 9).long(), flipped
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _cache(tmp_path_factory):
+    """The webdataset index cache (and verified-images list) of these tests: a temporary directory."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SCADFAST_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("folder")

@@ -30,9 +30,10 @@ Epochs, sharding, resuming. The order of an epoch is fully determined by ``(seed
 For files (shapes, COCO, folder), step 2 is done by ``fn.readers.file(files=..., labels=...,
 shard_id=rank, num_shards=world_size)`` on the epoch's list, laid out so that DALI's contiguous
 sharding gives exactly those slices; the reader is named (``reader_name``) so the iterator knows
-where the epoch ends. Webdataset shards are read through an index of member offsets built at
-indexing time (``fn.external_source`` feeding the same decoder), because DALI's webdataset reader
-only shuffles through a buffer and cannot reproduce an epoch's order or start in its middle.
+where the epoch ends. Webdataset shards are read through their index of member offsets (DALI's
+``wds2idx`` format, built once and cached on disk: :mod:`scadfast.data.wds_index`), with
+``fn.external_source`` feeding the same decoder, because DALI's webdataset reader only shuffles
+through a buffer and cannot reproduce an epoch's order or start in its middle.
 
 Undecodable images: a file that passed the indexing check but that DALI cannot decode (e.g. a JPEG
 with valid markers and a corrupt body) is found by decoding the failing batch's files with Pillow,
@@ -407,6 +408,7 @@ def make_loader(
     num_threads: int = 2,
     prefetch_queue_depth: int = 2,
     check_images: str = "header",
+    index: Optional[dict] = None,
 ) -> DALILoader:
     """A :class:`DALILoader` over ``spec`` (a data spec string, :class:`DataSpec` or an already
     indexed :class:`RecordSet`).
@@ -414,12 +416,16 @@ def make_loader(
     ``device_id``: CUDA device for decoding and augmentation, or ``None`` for the CPU.
     ``rank``/``world_size``: this process's shard (DDP). ``seed``: epoch order and flips.
     ``check_images``: the indexing-time image check (see :mod:`scadfast.data.sources`).
+    ``index``: options of the webdataset shard index (``cache_dir``, ``sync``, ``verbose``; see
+    :func:`scadfast.data.wds_index.index_shards`); ``rank``/``world_size`` are passed to it, so the
+    ranks share the indexing of uncached shards.
     """
     image_size = _check_int("image_size", image_size, 1)
     if isinstance(spec, RecordSet):
         records = spec
     else:
-        records = load_records(spec, image_size=image_size, check_images=check_images)
+        index = {"rank": rank, "world_size": world_size, **(index or {})}
+        records = load_records(spec, image_size=image_size, check_images=check_images, index=index)
     return DALILoader(records, image_size, batch_size, device_id=device_id, rank=rank,
                       world_size=world_size, seed=seed, shuffle=shuffle, flip=flip,
                       num_threads=num_threads, prefetch_queue_depth=prefetch_queue_depth)

@@ -18,6 +18,10 @@ A *data spec* names a source (:func:`parse_data_spec`):
 ``wds:PATTERN``                  webdataset tar shards in img2dataset layout (members ``KEY.jpg``
                                  (or png/webp/...) + ``KEY.txt``); PATTERN may use brace ranges
                                  ``shard-{00000..00099}.tar``, brace lists ``{a,b}`` and globs
+                                 (local files or a mounted file system; ``pipe:`` and URLs are
+                                 refused). Each shard is read once: its index (DALI's ``wds2idx``
+                                 format) and captions are cached on disk, keyed by path, size and
+                                 modification time (:mod:`scadfast.data.wds_index`)
 
 A record is one (image, caption) pair. COCO has about five captions per image: each pair is its
 own record, so an image appears once per caption in an epoch.
@@ -47,7 +51,6 @@ import io
 import json
 import os
 import re
-import tarfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -336,11 +339,15 @@ def load_records(
     *,
     image_size: Optional[int] = None,
     check_images: str = "header",
+    index: Optional[dict] = None,
 ) -> RecordSet:
     """Index a data source (see the module docstring for specs and the error policy).
 
     ``image_size`` is the size the embedded shapes set is rendered at when the spec does not say
     (default 64); it is ignored by the other sources (the loader resizes).
+    ``index``: keyword arguments of :func:`scadfast.data.wds_index.index_shards` for webdataset
+    sources (``cache_dir``, ``rank``, ``world_size``, ``sync``, ``verbose``); the shard index is
+    cached on disk either way.
     """
     if check_images not in CHECK_MODES:
         raise ValueError(f"check_images={check_images!r} is not one of {CHECK_MODES}")
@@ -352,7 +359,7 @@ def load_records(
     if ds.kind == "folder":
         return _load_folder(ds, check_images)
     if ds.kind == "wds":
-        return _load_wds(ds, check_images)
+        return _load_wds(ds, check_images, index)
     raise ValueError(f"unknown data source kind {ds.kind!r}")  # pragma: no cover
 
 
@@ -503,9 +510,12 @@ def _load_folder(ds: DataSpec, mode: str) -> RecordSet:
                      keys=files, files=files)
 
 
-def _load_wds(ds: DataSpec, mode: str) -> RecordSet:
+def _load_wds(ds: DataSpec, mode: str, index: Optional[dict] = None) -> RecordSet:
+    from .wds_index import check_local, index_shards
+
     shards: List[str] = []
     for pat in expand_braces(os.path.expanduser(ds.path)):
+        check_local(pat, str(ds))
         if glob.has_magic(pat):
             hits = sorted(glob.glob(pat))
             if not hits:
@@ -522,78 +532,16 @@ def _load_wds(ds: DataSpec, mode: str) -> RecordSet:
     offsets: List[int] = []
     sizes: List[int] = []
     skipped: List[Tuple[str, str]] = []
-    for si, shard in enumerate(shards):
-        try:
-            tf = tarfile.open(shard, mode="r:")
-        except (tarfile.TarError, OSError) as e:
-            raise ValueError(f"{source}: shard {shard!r} is not a readable tar file ({e})") from None
-        members: Dict[str, Dict[str, tarfile.TarInfo]] = {}
-        order: List[str] = []
-        with tf, open(shard, "rb") as raw:
-            shard_size = os.fstat(raw.fileno()).st_size
-            try:
-                listed = list(tf)  # a truncated shard fails here (tarfile.ReadError)
-            except (tarfile.TarError, OSError, EOFError) as e:
-                raise ValueError(f"{source}: shard {shard!r} is truncated or corrupt ({e})") from None
-            # tarfile stops quietly at a torn header; a complete shard ends with zero blocks there.
-            raw.seek(tf.offset)
-            rest = raw.read(1024)
-            if len(rest) < 1024 or any(rest):
-                raise ValueError(f"{source}: shard {shard!r} is truncated or corrupt (no end-of-archive "
-                                 f"marker after byte {tf.offset} of {shard_size})")
-            for m in listed:
-                if not m.isfile():
-                    continue
-                if m.offset_data + m.size > shard_size:
-                    raise ValueError(f"{source}: shard {shard!r} is truncated (member {m.name} ends past "
-                                     f"the end of the file)")
-                name = os.path.basename(m.name)
-                if name.startswith("."):
-                    continue
-                # img2dataset keys have no dots; the extension is everything after the first dot
-                # of the base name.
-                base_stem, dot, ext = name.partition(".")
-                if not dot:
-                    continue
-                stem = os.path.join(os.path.dirname(m.name), base_stem)
-                if stem not in members:
-                    members[stem] = {}
-                    order.append(stem)
-                members[stem][ext.lower()] = m
-            for key in order:
-                group = members[key]
-                img_ext = next((e for e in group if "." + e in IMAGE_EXTENSIONS), None)
-                if img_ext is None:
-                    continue  # metadata-only sample (e.g. a failed download's .json)
-                if "txt" not in group:
-                    raise FileNotFoundError(f"{source}: shard {shard!r}: caption member {key}.txt "
-                                            f"missing for image {key}.{img_ext}")
-                cap_m, img_m = group["txt"], group[img_ext]
-                raw.seek(cap_m.offset_data)
-                try:
-                    caption = " ".join(raw.read(cap_m.size).decode("utf-8").split())
-                except UnicodeDecodeError:
-                    raise ValueError(f"{source}: shard {shard!r}: {key}.txt is not UTF-8") from None
-                if not caption:
-                    raise ValueError(f"{source}: shard {shard!r}: {key}.txt is empty")
-                where = f"{shard}:{key}.{img_ext}"
-                if mode != "none":
-                    raw.seek(img_m.offset_data)
-                    head = raw.read(min(_HEAD, img_m.size))
-                    raw.seek(img_m.offset_data + max(img_m.size - _TAIL, 0))
-                    tail = raw.read(min(_TAIL, img_m.size))
-                    why = check_image_bytes(head, tail, img_m.size)
-                    if why is None and mode == "decode":
-                        raw.seek(img_m.offset_data)
-                        why = _pil_decode_error(raw.read(img_m.size))
-                    if why is not None:
-                        skipped.append((where, why))
-                        continue
-                captions.append(caption)
-                keys.append(where)
-                tar_index.append(si)
-                offsets.append(img_m.offset_data)
-                sizes.append(img_m.size)
+    for si, entry in enumerate(index_shards(shards, source, mode, **(index or {}))):
+        for sample, member, why in entry.skipped:
+            skipped.append((entry.image(sample, member)[0], why))
+        for sample, member, caption in entry.records:
+            key, offset, size = entry.image(sample, member)
+            captions.append(caption)
+            keys.append(key)
+            tar_index.append(si)
+            offsets.append(offset)
+            sizes.append(size)
     _warn_skipped(source, skipped)
     if not captions:
         detail = f" ({len(skipped)} unreadable)" if skipped else ""
