@@ -10,7 +10,8 @@ result, each naming its device:
 * ``scadfast.bench.kernels/1`` (bench/kernels.py): one row per (op, case, mode) with the three
   providers side by side;
 * ``scadfast.bench.loader/1`` (bench/loader.py): DALI vs torch DataLoader images/s;
-* ``scadfast.bench.gpu_run/1`` (bench/gpu_run.sh): its stages and every result it embeds.
+* ``scadfast.bench.gpu_run/1`` (bench/gpu_run.sh): its stages and every result it embeds;
+* ``scadfast.bench.data_scale/1`` (bench/data_scale.py): index time, caption store, loader images/s.
 
 Files with another schema are listed as skipped. Without ``--readme`` the markdown goes to stdout.
 With ``--readme FILE`` the text between ``<!-- bench:begin -->`` and ``<!-- bench:end -->`` is
@@ -158,6 +159,34 @@ def render_loader(res: dict, path: str) -> str:
     return head + _table(["loader", "setup", "images/s"], rows, right_from=2) + tail + f" Source: {_provenance(res, path)}.\n"
 
 
+def render_data_scale(res: dict, path: str) -> str:
+    sy, ix, cs = res.get("synth") or {}, res.get("index") or {}, res.get("caption_store") or {}
+    ld, enc = res.get("loader") or {}, res.get("encode") or {}
+    cold, warm = ix.get("cold") or {}, ix.get("warm") or {}
+    rows = [
+        ["index, cold (tar headers walked, captions read, image headers checked)", f"{_f(cold.get('seconds'), '.2f')} s",
+         f"{_f(cold.get('us_per_record'), '.0f')} µs/record"],
+        ["index, warm (from the on-disk index cache)", f"{_f(warm.get('seconds'), '.3f')} s",
+         f"{_f(warm.get('us_per_record'), '.1f')} µs/record"],
+        ["record set held per rank (Python heap)", f"{_f(ix.get('recordset_heap_bytes_per_record'), '.0f')} B/record", ""],
+    ]
+    for dt in ("float32", "float16"):
+        c = cs.get(dt) or {}
+        g = (c.get("rss_delta_after_gathers") or {})
+        rows.append([f"caption store {dt}, {cs.get('dim')}-d: file; private RSS growth after {c.get('gathers')} gathers",
+                     f"{_f(c.get('bytes_per_caption'), '.0f')} B/caption", f"{_f(g.get('anon'), '.0f')} B"])
+        rows.append([f"gather {c.get('gather_batch')} rows ({dt}, host)", f"{_f(c.get('gather_us_median'), '.0f')} µs", ""])
+    if enc:
+        rows.append([f"caption encoding, {enc.get('clip')}", f"{_f(enc.get('captions_per_s'), '.0f')} captions/s",
+                     f"{enc.get('threads')} thread(s)"])
+    rows.append([f"DALI loader, {ld.get('decode')} decoding, {ld.get('threads')} thread(s), {ld.get('image_size')} px",
+                 f"{_f(ld.get('images_per_s'), '.1f')} images/s", f"{_f(ld.get('jpeg_mb_per_s'), '.2f')} MB/s of JPEG"])
+    head = (f"#### Data at scale on {_device(res)} — {sy.get('shards')} shards × {sy.get('per_shard')} synthetic JPEGs "
+            f"({sy.get('min_side')}–{sy.get('max_side')} px sides, mean {_f(sy.get('mean_jpeg_bytes'), '.0f')} B)\n\n")
+    note = f"**{res['note']}**. " if res.get("note") else ""
+    return head + _table(["what", "measured", ""], rows) + f"\n\n{note}Source: {_provenance(res, path)}.\n"
+
+
 def render_gpu_run(res: dict, path: str) -> str:
     rows = [[s.get("name", "?"), s.get("status", "?"), _f(s.get("seconds"), ".0f"), str(s.get("note", ""))[:100]]
             for s in res.get("stages", [])]
@@ -174,6 +203,7 @@ RENDERERS = {
     "scadfast.bench.kernels/1": render_kernels,
     "scadfast.bench.loader/1": render_loader,
     "scadfast.bench.gpu_run/1": render_gpu_run,
+    "scadfast.bench.data_scale/1": render_data_scale,
 }
 
 

@@ -294,3 +294,27 @@ def test_two_gloo_ranks_split_the_index_and_the_encoding(shards, tmp_path):
     # A slice boundary inside a batch would have changed the values: the test can tell.
     shifted = BatchSensitiveEncoder().encode_text(BatchSensitiveEncoder().tokenize(out[0]["captions"][10:14]))
     assert not np.array_equal(shifted.numpy(), ref[10:14])
+
+
+def test_data_scale_bench_runs_small_and_renders(tmp_path, capsys):
+    import json
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "ds.json"
+    sys.path.insert(0, os.path.join(root, "bench"))
+    try:
+        import data_scale
+        import report
+    finally:
+        sys.path.pop(0)
+    rc = data_scale.run(["--shards", "2", "--per-shard", "6", "--min-side", "24", "--max-side", "40",
+                         "--image-size", "32", "--batch-size", "4", "--batches", "4", "--threads", "1",
+                         "--emb-dim", "16", "--encode", "0", "--note", "test", "--work", str(tmp_path / "w"),
+                         "--out", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    store = res["caption_store"]
+    assert res["index"]["records"] == 12 and store["float16"]["file_bytes"] - 128 == (store["float32"]["file_bytes"] - 128) // 2
+    assert res["index"]["warm"]["seconds"] > 0 and res["loader"]["images"] == 16  # 4 batches across epochs
+    text = report.render(res, str(out))
+    assert "Data at scale" in text and "**test**" in text and "µs/record" in text

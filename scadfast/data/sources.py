@@ -532,16 +532,13 @@ def _load_wds(ds: DataSpec, mode: str, index: Optional[dict] = None) -> RecordSe
     offsets: List[int] = []
     sizes: List[int] = []
     skipped: List[Tuple[str, str]] = []
-    for si, entry in enumerate(index_shards(shards, source, mode, **(index or {}))):
-        for sample, member, why in entry.skipped:
-            skipped.append((entry.image(sample, member)[0], why))
-        for sample, member, caption in entry.records:
-            key, offset, size = entry.image(sample, member)
-            captions.append(caption)
-            keys.append(key)
-            tar_index.append(si)
-            offsets.append(offset)
-            sizes.append(size)
+    for si, (entry, (caps, keys_, offs, szs)) in enumerate(index_shards(shards, source, mode, **(index or {}))):
+        skipped += entry.skipped_keys()
+        captions += caps
+        keys += keys_
+        offsets += offs
+        sizes += szs
+        tar_index += [si] * len(caps)
     _warn_skipped(source, skipped)
     if not captions:
         detail = f" ({len(skipped)} unreadable)" if skipped else ""

@@ -46,8 +46,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 from . import shapes as _shapes
 from .sources import _HEAD, _TAIL, IMAGE_EXTENSIONS, _pil_decode_error, check_image_bytes
 
-__all__ = ["ShardIndex", "check_local", "default_index_dir", "index_path", "index_shards", "read_idx", "scan_shard",
-           "write_idx"]
+__all__ = ["ShardIndex", "check_local", "default_index_dir", "index_path", "index_shards", "parse_line",
+           "read_idx", "scan_shard", "write_idx"]
 
 IDX_VERSION = "v1.2"
 _META_FORMAT = 1
@@ -59,21 +59,52 @@ Member = Tuple[str, int, int, str]
 
 @dataclass
 class ShardIndex:
-    """One shard: its samples (members), the image records and the images the check skipped.
+    """One shard: its index lines (one per sample, ``ext offset size name`` per member), the image
+    records and the images the check skipped.
 
-    ``records`` and ``skipped`` name an image by ``(sample, member)`` position in ``samples``;
+    ``records`` and ``skipped`` name an image by ``(sample, member)`` position in ``lines``;
     ``records`` carry the caption, ``skipped`` the reason.
     """
 
     shard: str
-    samples: List[List[Member]]
+    lines: List[str]
     records: List[Tuple[int, int, str]]
     skipped: List[Tuple[int, int, str]]
 
-    def image(self, sample: int, member: int) -> Tuple[str, int, int]:
-        """``(key, offset, size)`` of an image member; key = ``SHARD:STEM.ext`` (ext lower case)."""
-        ext, offset, size, name = self.samples[sample][member]
-        return f"{self.shard}:{name[: len(name) - len(ext)]}{ext.lower()}", offset, size
+    def member(self, sample: int, member: int) -> Member:
+        t = self.lines[sample].split()
+        ext, offset, size, name = t[4 * member:4 * member + 4]
+        return ext, int(offset), int(size), name
+
+    def _key(self, ext: str, name: str) -> str:
+        # SHARD:STEM.ext with the extension in lower case (what messages have always shown)
+        return f"{self.shard}:{name[: len(name) - len(ext)]}{ext.lower()}"
+
+    def columns(self) -> Tuple[List[str], List[str], List[int], List[int]]:
+        """``(captions, keys, offsets, sizes)`` of the image records."""
+        caps, keys, offsets, sizes = [], [], [], []
+        for sample, member, caption in self.records:
+            ext, offset, size, name = self.member(sample, member)
+            caps.append(caption)
+            keys.append(self._key(ext, name))
+            offsets.append(offset)
+            sizes.append(size)
+        return caps, keys, offsets, sizes
+
+    def skipped_keys(self) -> List[Tuple[str, str]]:
+        out = []
+        for sample, member, why in self.skipped:
+            ext, _, _, name = self.member(sample, member)
+            out.append((self._key(ext, name), why))
+        return out
+
+
+def parse_line(line: str) -> List[Member]:
+    """The members ``(ext, offset, size, name)`` of one sample line of an index file."""
+    t = line.split()
+    if not t or len(t) % 4:
+        raise ValueError(f"malformed webdataset index line {line[:80]!r}")
+    return [(t[i], int(t[i + 1]), int(t[i + 2]), t[i + 3]) for i in range(0, len(t), 4)]
 
 
 def default_index_dir() -> Path:
@@ -131,13 +162,13 @@ def scan_shard(shard: str, source: str, mode: str) -> ShardIndex:
                                  "which the webdataset index format cannot hold")
             stem = os.path.join(os.path.dirname(m.name), base_stem)
             groups.setdefault(stem, {})[ext.lower()] = m
-        samples: List[List[Member]] = []
+        lines: List[str] = []
         records: List[Tuple[int, int, str]] = []
         skipped: List[Tuple[int, int, str]] = []
         for stem, group in groups.items():
-            si = len(samples)
-            members = list(group.values())
-            samples.append([(m.name[len(stem) + 1:], m.offset_data, m.size, m.name) for m in members])
+            si = len(lines)
+            lines.append(" ".join(f"{m.name[len(stem) + 1:]} {m.offset_data} {m.size} {m.name}"
+                                  for m in group.values()))
             exts = list(group)
             img_ext = next((e for e in exts if "." + e in IMAGE_EXTENSIONS), None)
             if img_ext is None:
@@ -168,7 +199,7 @@ def scan_shard(shard: str, source: str, mode: str) -> ShardIndex:
                 records.append((si, mi, caption))
             else:
                 skipped.append((si, mi, why))
-    return ShardIndex(shard, samples, records, skipped)
+    return ShardIndex(shard, lines, records, skipped)
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,28 +207,24 @@ def scan_shard(shard: str, source: str, mode: str) -> ShardIndex:
 # --------------------------------------------------------------------------------------------
 
 
-def write_idx(path: str, samples: Sequence[Sequence[Member]]) -> None:
-    """Write ``samples`` in ``wds2idx``'s ``v1.2`` format (atomically)."""
-    lines = [f"{IDX_VERSION} {len(samples)}"]
-    lines += [" ".join(f"{e} {o} {s} {n}" for e, o, s, n in sample) for sample in samples]
-    _atomic_write(path, "\n".join(lines) + "\n")
+def write_idx(path: str, lines: Sequence[str]) -> int:
+    """Write sample ``lines`` in ``wds2idx``'s ``v1.2`` format (atomically); returns the file's size."""
+    text = "\n".join([f"{IDX_VERSION} {len(lines)}", *lines]) + "\n"
+    _atomic_write(path, text)
+    return len(text.encode())
 
 
-def read_idx(path: str) -> List[List[Member]]:
-    """Samples of a ``v1.2`` index file; ``ValueError`` if it is not one."""
+def read_idx(path: str) -> List[str]:
+    """The sample lines of a ``v1.2`` index file (:func:`parse_line` reads one); ``ValueError`` if
+    it is not one."""
     with open(path, encoding="utf-8") as f:
-        head = f.readline().split()
-        if len(head) != 2 or head[0] != IDX_VERSION:
-            raise ValueError(f"{path}: not a {IDX_VERSION} webdataset index")
-        samples = []
-        for line in f:
-            t = line.split()
-            if not t or len(t) % 4:
-                raise ValueError(f"{path}: malformed line {len(samples) + 2}")
-            samples.append([(t[i], int(t[i + 1]), int(t[i + 2]), t[i + 3]) for i in range(0, len(t), 4)])
-    if len(samples) != int(head[1]):
-        raise ValueError(f"{path}: {len(samples)} samples, header says {head[1]}")
-    return samples
+        head, *lines = f.read().splitlines()
+    h = head.split()
+    if len(h) != 2 or h[0] != IDX_VERSION:
+        raise ValueError(f"{path}: not a {IDX_VERSION} webdataset index")
+    if len(lines) != int(h[1]):
+        raise ValueError(f"{path}: {len(lines)} samples, header says {h[1]}")
+    return lines
 
 
 def _atomic_write(path: str, text: str) -> None:
@@ -238,7 +265,8 @@ def index_path(shard: str, cache_dir: Optional[str] = None) -> Optional[str]:
     return str(p) if p.is_file() else None
 
 
-def _load(root: Path, shard: str, stamp, mode: str) -> Optional[ShardIndex]:
+def _load(root: Path, shard: str, stamp, mode: str) -> Optional[Tuple[ShardIndex, tuple]]:
+    """The cached entry of ``shard`` and its columns, or ``None`` if absent, stale or damaged."""
     base = root / _names(root, stamp)[1]
     try:
         with open(f"{base}.{mode}.json", encoding="utf-8") as f:
@@ -246,16 +274,14 @@ def _load(root: Path, shard: str, stamp, mode: str) -> Optional[ShardIndex]:
         if (meta.get("format"), meta.get("shard"), meta.get("size"), meta.get("mtime_ns"), meta.get("check")) != \
                 (_META_FORMAT, stamp[0], stamp[1], stamp[2], mode):
             return None
-        samples = read_idx(f"{base}.idx")
-        if len(samples) != meta["samples"]:
+        if os.path.getsize(f"{base}.idx") != meta["idx_bytes"]:
             return None
-        records = [(int(s), int(m), str(c)) for s, m, c in meta["records"]]
-        skipped = [(int(s), int(m), str(w)) for s, m, w in meta["skipped"]]
-        for s, m, _ in records + skipped:
-            samples[s][m]  # noqa: B018 - an IndexError means the pair does not belong together
+        entry = ShardIndex(shard, read_idx(f"{base}.idx"), meta["records"], meta["skipped"])
+        if len(entry.lines) != meta["samples"]:
+            return None
+        return entry, entry.columns()  # parsing every record's line also validates the pair
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None
-    return ShardIndex(shard, samples, records, skipped)
 
 
 def _save(root: Path, entry: ShardIndex, stamp, mode: str) -> None:
@@ -263,9 +289,10 @@ def _save(root: Path, entry: ShardIndex, stamp, mode: str) -> None:
     h, name = _names(root, stamp)
     try:
         os.makedirs(root, exist_ok=True)
-        write_idx(str(root / f"{name}.idx"), entry.samples)
-        meta = {"format": _META_FORMAT, "shard": stamp[0], "size": stamp[1], "mtime_ns": stamp[2],
-                "check": mode, "samples": len(entry.samples), "records": entry.records, "skipped": entry.skipped}
+        idx_bytes = write_idx(str(root / f"{name}.idx"), entry.lines)
+        meta = {"format": _META_FORMAT, "shard": stamp[0], "size": stamp[1], "mtime_ns": stamp[2], "check": mode,
+                "samples": len(entry.lines), "idx_bytes": idx_bytes, "records": entry.records,
+                "skipped": entry.skipped}
         _atomic_write(str(root / f"{name}.{mode}.json"), json.dumps(meta, ensure_ascii=False))
         for old in root.glob(f"{h}-*"):  # entries of earlier versions of this shard
             if not old.name.startswith(name + "."):
@@ -300,8 +327,9 @@ def index_shards(
     world_size: int = 1,
     sync: Optional[Callable[[bool], bool]] = None,
     verbose: bool = True,
-) -> List[ShardIndex]:
-    """The index of every shard, from the cache or built (and stored); see the module docstring.
+) -> List[Tuple[ShardIndex, tuple]]:
+    """The index of every shard, from the cache or built (and stored), with its record columns
+    ``(captions, keys, offsets, sizes)`` (:meth:`ShardIndex.columns`); see the module docstring.
 
     ``sync(flag) -> bool`` is a collective that is true iff ``flag`` is true on every rank
     (:func:`scadfast.distributed.all_true`); without it the ranks do not wait for each other.
@@ -309,12 +337,14 @@ def index_shards(
     root = Path(cache_dir) if cache_dir else default_index_dir()
     t0 = time.perf_counter()
     stamps = [_stamp(s) for s in shards]
-    mine = [i for i in range(rank, len(shards), world_size) if _load(root, shards[i], stamps[i], mode) is None]
+    loaded = {i: _load(root, shards[i], stamps[i], mode) for i in range(rank, len(shards), world_size)}
+    mine = [i for i, got in loaded.items() if got is None]
     progress = _Progress(verbose and rank == 0, len(mine), source, world_size)
     error = None
     try:
         for n, i in enumerate(mine):
-            _build(root, shards[i], stamps[i], source, mode)
+            entry = _build(root, shards[i], stamps[i], source, mode)
+            loaded[i] = entry, entry.columns()
             progress(n + 1)
     except Exception as e:  # noqa: BLE001 - raised after the collective, so no rank waits forever
         error = e
@@ -326,16 +356,17 @@ def index_shards(
     elif error is not None:
         raise error
     out, built_here = [], 0
-    for shard, stamp in zip(shards, stamps):
-        entry = _load(root, shard, stamp, mode)
-        if entry is None:  # another rank's share in a directory we do not see, or an unwritable cache
+    for i, (shard, stamp) in enumerate(zip(shards, stamps)):
+        got = loaded.get(i) or _load(root, shard, stamp, mode)
+        if got is None:  # another rank's share in a directory we do not see, or an unwritable cache
             entry = _build(root, shard, stamp, source, mode)
+            got = entry, entry.columns()
             built_here += 1
-        out.append(entry)
+        out.append(got)
     if verbose and rank == 0:
         built = len(mine) + built_here
         others = " (+ the other ranks' shares)" if world_size > 1 else ""
-        print(f"[scadfast] {source}: {len(shards)} shard(s), {sum(len(e.records) for e in out)} records; "
+        print(f"[scadfast] {source}: {len(shards)} shard(s), {sum(len(e.records) for e, _ in out)} records; "
               f"{built} indexed by rank 0{others}, the rest read from the index cache {root} "
               f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
     return out
