@@ -532,8 +532,8 @@ def _load_wds(ds: DataSpec, mode: str, index: Optional[dict] = None) -> RecordSe
     offsets: List[int] = []
     sizes: List[int] = []
     skipped: List[Tuple[str, str]] = []
-    for si, (entry, (caps, keys_, offs, szs)) in enumerate(index_shards(shards, source, mode, **(index or {}))):
-        skipped += entry.skipped_keys()
+    for si, ((caps, keys_, offs, szs), skipped_here) in enumerate(index_shards(shards, source, mode, **(index or {}))):
+        skipped += skipped_here
         captions += caps
         keys += keys_
         offsets += offs

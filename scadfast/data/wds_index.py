@@ -265,8 +265,13 @@ def index_path(shard: str, cache_dir: Optional[str] = None) -> Optional[str]:
     return str(p) if p.is_file() else None
 
 
-def _load(root: Path, shard: str, stamp, mode: str) -> Optional[Tuple[ShardIndex, tuple]]:
-    """The cached entry of ``shard`` and its columns, or ``None`` if absent, stale or damaged."""
+def _finish(entry: ShardIndex) -> tuple:
+    """What the record set needs of a shard: ``(columns, skipped keys)``; the index lines are dropped."""
+    return entry.columns(), entry.skipped_keys()
+
+
+def _load(root: Path, shard: str, stamp, mode: str) -> Optional[tuple]:
+    """:func:`_finish` of the cached entry of ``shard``, or ``None`` if absent, stale or damaged."""
     base = root / _names(root, stamp)[1]
     try:
         with open(f"{base}.{mode}.json", encoding="utf-8") as f:
@@ -279,7 +284,7 @@ def _load(root: Path, shard: str, stamp, mode: str) -> Optional[Tuple[ShardIndex
         entry = ShardIndex(shard, read_idx(f"{base}.idx"), meta["records"], meta["skipped"])
         if len(entry.lines) != meta["samples"]:
             return None
-        return entry, entry.columns()  # parsing every record's line also validates the pair
+        return _finish(entry)  # parsing every record's line also validates the pair
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None
 
@@ -327,9 +332,10 @@ def index_shards(
     world_size: int = 1,
     sync: Optional[Callable[[bool], bool]] = None,
     verbose: bool = True,
-) -> List[Tuple[ShardIndex, tuple]]:
-    """The index of every shard, from the cache or built (and stored), with its record columns
-    ``(captions, keys, offsets, sizes)`` (:meth:`ShardIndex.columns`); see the module docstring.
+) -> List[tuple]:
+    """Per shard, from the cache or built (and stored): its image records as columns
+    ``(captions, keys, offsets, sizes)`` (:meth:`ShardIndex.columns`) and the ``(key, reason)`` of
+    the images the check skipped; see the module docstring.
 
     ``sync(flag) -> bool`` is a collective that is true iff ``flag`` is true on every rank
     (:func:`scadfast.distributed.all_true`); without it the ranks do not wait for each other.
@@ -343,8 +349,7 @@ def index_shards(
     error = None
     try:
         for n, i in enumerate(mine):
-            entry = _build(root, shards[i], stamps[i], source, mode)
-            loaded[i] = entry, entry.columns()
+            loaded[i] = _finish(_build(root, shards[i], stamps[i], source, mode))
             progress(n + 1)
     except Exception as e:  # noqa: BLE001 - raised after the collective, so no rank waits forever
         error = e
@@ -359,14 +364,13 @@ def index_shards(
     for i, (shard, stamp) in enumerate(zip(shards, stamps)):
         got = loaded.get(i) or _load(root, shard, stamp, mode)
         if got is None:  # another rank's share in a directory we do not see, or an unwritable cache
-            entry = _build(root, shard, stamp, source, mode)
-            got = entry, entry.columns()
+            got = _finish(_build(root, shard, stamp, source, mode))
             built_here += 1
         out.append(got)
     if verbose and rank == 0:
         built = len(mine) + built_here
         others = " (+ the other ranks' shares)" if world_size > 1 else ""
-        print(f"[scadfast] {source}: {len(shards)} shard(s), {sum(len(e.records) for e, _ in out)} records; "
+        print(f"[scadfast] {source}: {len(shards)} shard(s), {sum(len(cols[0]) for cols, _ in out)} records; "
               f"{built} indexed by rank 0{others}, the rest read from the index cache {root} "
               f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
     return out
