@@ -26,7 +26,9 @@ Steps (each timed on its own):
 4. **Loader**: the DALI loader with CPU decoding (``device_id=None``, ``--threads`` threads) over
    the shards at ``--image-size``: images/s and the JPEG bytes/s it reads, after 3 warm-up batches.
 
-Timings on a shared or loaded machine are not measurements of the hardware: say so with ``--note``.
+Wall times and process CPU times (all threads) are both recorded: on a shared or loaded machine the
+wall times are not measurements of the hardware (say so with ``--note``); CPU seconds per record or
+image are the less load-sensitive figure (cores needed = rate × CPU seconds per item).
 """
 
 from __future__ import annotations
@@ -138,12 +140,13 @@ def measure_index(spec: str, cache_dir: str) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             tracemalloc.start()
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             rec = load_records(spec, index={"cache_dir": cache_dir, "verbose": False})
-            dt = time.perf_counter() - t
+            dt, dc = time.perf_counter() - t, time.process_time() - c
             held, _ = tracemalloc.get_traced_memory()
             tracemalloc.stop()
-        out[phase] = {"seconds": dt, "us_per_record": dt / len(rec) * 1e6}
+        out[phase] = {"seconds": dt, "us_per_record": dt / len(rec) * 1e6, "cpu_seconds": dc,
+                      "cpu_us_per_record": dc / len(rec) * 1e6}
         out["records"] = len(rec)
         out["recordset_heap_bytes_per_record"] = held / len(rec)  # the record set is what is still held
         del rec
@@ -188,11 +191,11 @@ def measure_encode(captions, n: int) -> dict:
     caps = list(captions[:n])
     with tempfile.TemporaryDirectory() as d:
         cache = TextEmbeddingCache(clip, d, batch_size=256)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         cache.embed(caps)
-        dt = time.perf_counter() - t
+        dt, dc = time.perf_counter() - t, time.process_time() - c
     return {"clip": "scadfast-tiny (random init)", "captions": len(caps), "seconds": dt,
-            "captions_per_s": len(caps) / dt, "threads": torch.get_num_threads()}
+            "captions_per_s": len(caps) / dt, "captions_per_cpu_s": len(caps) / dc, "threads": torch.get_num_threads()}
 
 
 def measure_loader(spec: str, cache_dir: str, image_size: int, batch: int, batches: int, threads: int) -> dict:
@@ -210,14 +213,15 @@ def measure_loader(spec: str, cache_dir: str, image_size: int, batch: int, batch
     for _ in range(3):
         next(it)
     n = n_bytes = 0
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     for _ in range(batches):
         _, idx = next(it)
         n += len(idx)
         n_bytes += int(rec.sizes[idx.numpy()].sum())
-    dt = time.perf_counter() - t
+    dt, dc = time.perf_counter() - t, time.process_time() - c
     return {"decode": "cpu", "threads": threads, "image_size": image_size, "batch_size": batch,
-            "images": n, "seconds": dt, "images_per_s": n / dt, "jpeg_mb_per_s": n_bytes / dt / 1e6}
+            "images": n, "seconds": dt, "images_per_s": n / dt, "jpeg_mb_per_s": n_bytes / dt / 1e6,
+            "cpu_seconds": dc, "images_per_cpu_s": n / dc}
 
 
 def run(argv=None) -> int:
@@ -232,7 +236,8 @@ def run(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="DALI CPU threads")
     p.add_argument("--emb-dim", type=int, default=512, help="caption embedding width (ViT-B/32: 512)")
     p.add_argument("--encode", type=int, default=512, help="captions encoded by the real embedded CLIP (0: skip)")
-    p.add_argument("--work", default=None, help="scratch directory (default: a temporary one, removed)")
+    p.add_argument("--work", default=None, help="scratch directory, kept; shards synthesised there with the same "
+                                                "settings are reused (default: a temporary one, removed)")
     p.add_argument("--note", default="", help="e.g. 'loaded machine' (stored in the JSON and the report)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
@@ -246,13 +251,26 @@ def run(argv=None) -> int:
     work = a.work or tempfile.mkdtemp(prefix="scadfast-data-scale-")
     try:
         shard_dir = os.path.join(work, "shards")
-        shutil.rmtree(shard_dir, ignore_errors=True)
+        manifest = os.path.join(work, "synth.json")
+        synth_args = [a.shards, a.per_shard, a.min_side, a.max_side]
+        old = None
+        if a.work and os.path.isfile(manifest):
+            with open(manifest) as f:
+                old = json.load(f)
+            if old.get("args") != synth_args:
+                old = None
         idx_dir = os.path.join(work, "wds-index")
         shutil.rmtree(idx_dir, ignore_errors=True)
         shutil.rmtree(os.path.join(work, "emb"), ignore_errors=True)
         res = {"schema": SCHEMA, **environment(torch.device("cpu")), "note": a.note,
                "settings": {k: v for k, v in vars(a).items() if k not in ("out", "work")}}
-        res["synth"] = synthesise(shard_dir, a.shards, a.per_shard, a.min_side, a.max_side)
+        if old is None:
+            shutil.rmtree(shard_dir, ignore_errors=True)
+            res["synth"] = synthesise(shard_dir, *synth_args)
+            with open(manifest, "w") as f:
+                json.dump({"args": synth_args, "synth": res["synth"]}, f)
+        else:  # --work holds the same shards from an earlier run: reuse them
+            res["synth"] = dict(old["synth"], reused=True)
         spec = f"wds:{shard_dir}/shard-*.tar"
         res["index"] = measure_index(spec, idx_dir)
         from scadfast.data import load_records

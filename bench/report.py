@@ -165,9 +165,9 @@ def render_data_scale(res: dict, path: str) -> str:
     cold, warm = ix.get("cold") or {}, ix.get("warm") or {}
     rows = [
         ["index, cold (tar headers walked, captions read, image headers checked)", f"{_f(cold.get('seconds'), '.2f')} s",
-         f"{_f(cold.get('us_per_record'), '.0f')} µs/record"],
+         f"{_f(cold.get('us_per_record'), '.0f')} µs/record ({_f(cold.get('cpu_us_per_record'), '.0f')} CPU µs)"],
         ["index, warm (from the on-disk index cache)", f"{_f(warm.get('seconds'), '.3f')} s",
-         f"{_f(warm.get('us_per_record'), '.1f')} µs/record"],
+         f"{_f(warm.get('us_per_record'), '.1f')} µs/record ({_f(warm.get('cpu_us_per_record'), '.1f')} CPU µs)"],
         ["record set held per rank (Python heap)", f"{_f(ix.get('recordset_heap_bytes_per_record'), '.0f')} B/record", ""],
     ]
     for dt in ("float32", "float16"):
@@ -178,9 +178,10 @@ def render_data_scale(res: dict, path: str) -> str:
         rows.append([f"gather {c.get('gather_batch')} rows ({dt}, host)", f"{_f(c.get('gather_us_median'), '.0f')} µs", ""])
     if enc:
         rows.append([f"caption encoding, {enc.get('clip')}", f"{_f(enc.get('captions_per_s'), '.0f')} captions/s",
-                     f"{enc.get('threads')} thread(s)"])
+                     f"{_f(enc.get('captions_per_cpu_s'), '.0f')} per CPU s, {enc.get('threads')} thread(s)"])
     rows.append([f"DALI loader, {ld.get('decode')} decoding, {ld.get('threads')} thread(s), {ld.get('image_size')} px",
-                 f"{_f(ld.get('images_per_s'), '.1f')} images/s", f"{_f(ld.get('jpeg_mb_per_s'), '.2f')} MB/s of JPEG"])
+                 f"{_f(ld.get('images_per_s'), '.1f')} images/s",
+                 f"{_f(ld.get('images_per_cpu_s'), '.1f')} per CPU s; {_f(ld.get('jpeg_mb_per_s'), '.2f')} MB/s of JPEG"])
     head = (f"#### Data at scale on {_device(res)} — {sy.get('shards')} shards × {sy.get('per_shard')} synthetic JPEGs "
             f"({sy.get('min_side')}–{sy.get('max_side')} px sides, mean {_f(sy.get('mean_jpeg_bytes'), '.0f')} B)\n\n")
     note = f"**{res['note']}**. " if res.get("note") else ""
