@@ -122,6 +122,9 @@ def test_index_is_dalis_wds2idx_format_and_feeds_its_reader(shards, tmp_path):
         warnings.simplefilter("ignore", DataWarning)
         rec = load_records(f"wds:{shard}", index={"cache_dir": str(tmp_path / "idx")})
     ours = wds_index.index_path(shard, str(tmp_path / "idx"))
+    samples = [wds_index.parse_line(line) for line in wds_index.read_idx(ours)]
+    assert [m[0] for m in samples[0]] == ["jpg", "txt", "json"] and len(samples) == 6
+    assert [(s[0][1], s[0][2]) for s in samples] == list(zip(rec.offsets.tolist(), rec.sizes.tolist()))
     tool = shutil.which("wds2idx", path=os.path.dirname(sys.executable))
     if tool and shutil.which("tar"):  # DALI's own indexer gives the same file
         ref = tmp_path / "ref.idx"
