@@ -46,7 +46,6 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #   "cpu"    the custom op with the extension's C++ CPU kernel;
 #   "triton" the custom op with the Triton kernels;
 #   "cuda"   the custom op with the extension's CUDA kernel.
-BACKENDS = ("torch", "cpu", "triton", "cuda")
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
                 torch.float64: "float64"}
 

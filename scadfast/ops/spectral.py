@@ -242,7 +242,7 @@ def _run(op: str, weights, dims, us, vs, n_iter: int, eps: float, impl: str) -> 
 
 
 # ---------------------------------------------------------------------------------------------
-# Public functional API
+# Public API
 
 
 def power_iteration_(w_mat: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n_iter: int, eps: float = 1e-12,
