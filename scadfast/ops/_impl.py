@@ -15,6 +15,12 @@ Every op module in :mod:`scadfast.ops` is wired the same way, and reads in the s
 5. the public function: validate, ``path = resolve_impl(...)``, then the reference or the custom op
    (called through its Python object).
 
+Eager calls go through the custom ops too. A bypass for plain eager calls (an
+``autograd.Function`` around the same forward and backward) would save only the custom op's
+host-side dispatch, some tens of microseconds per forward and backward, nothing under
+``torch.compile``; and deciding when it is safe needs private torch APIs (dispatch and function
+modes, fake tensors).
+
 Every op takes ``impl``:
 
 ``"auto"``   the fused path for the tensors' device: Triton (or the CUDA extension) on a GPU; off the
