@@ -315,7 +315,7 @@ def test_vit_b32_shapes_and_parameter_counts():
 
 
 def test_ref_impl_switches_spectral_norm_for_the_call(clip):
-    from scadfast.ops.spectral_norm import SpectralNorm
+    from scadfast.ops import SpectralNorm
 
     pair = _pair(clip, "scad_dd")
     sns = [m for m in pair.D.modules() if isinstance(m, SpectralNorm)]

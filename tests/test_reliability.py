@@ -483,7 +483,7 @@ def test_spectral_norm_fp16_large_weights_computed_in_fp32(impl):
     from torch import nn
 
     from scadfast.ops import _impl
-    from scadfast.ops.spectral_norm import spectral_norm
+    from scadfast.ops import spectral_norm
 
     if impl == "triton" and not _impl.triton_runs_on(torch.zeros(1)):
         pytest.skip("Triton cannot run on CPU tensors here")
