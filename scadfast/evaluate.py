@@ -28,11 +28,13 @@ import time
 
 import torch
 
+from .cli import prog
+
 METRICS = ("fid", "clip_score", "ppd", "shapes")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m scadfast.evaluate", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=prog("scadfast.evaluate"), description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint file or run directory")
     p.add_argument("--metrics", default="clip_score,ppd,shapes", help=f"comma-separated subset of {','.join(METRICS)}")
