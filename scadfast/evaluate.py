@@ -41,13 +41,15 @@ import time
 
 import torch
 
+from .cli import prog
+
 METRICS = ("fid", "zfid", "kid", "pr", "clip_score", "ppd", "shapes")
 IMAGE_METRICS = ("fid", "zfid", "kid", "pr")  # one generated set against one reference set
 PAPER_N = 30_000  # generated images of the caption protocol (GALIP / DF-GAN on COCO val2014)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m scadfast.evaluate", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=prog("scadfast.evaluate"), description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint file or run directory")
     p.add_argument("--metrics", default="clip_score,ppd,shapes", help=f"comma-separated subset of {','.join(METRICS)}")

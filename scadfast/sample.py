@@ -19,6 +19,8 @@ import sys
 
 import torch
 
+from .cli import prog
+
 
 def noise(n: int, z_dim: int, seed: int) -> torch.Tensor:
     """Column j's noise vector comes from its own generator seeded ``seed + j`` (reproducible per image)."""
@@ -73,7 +75,7 @@ def _slug(text: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m scadfast.sample", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=prog("scadfast.sample"), description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="checkpoint file or run directory")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts", help="text file with one prompt per line")

@@ -25,6 +25,7 @@ import torch
 from . import checkpoint as ckpt_lib
 from . import distributed as dist_lib
 from . import runlock, variants
+from .cli import prog
 from .grid import make_grid, save_grid
 from .progress import Progress, format_seconds
 
@@ -49,7 +50,7 @@ EMBEDDED = dict(eval_every=100, ema_kimg=2.0)
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m scadfast.train",
+        prog=prog("scadfast.train"),
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
