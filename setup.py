@@ -1,4 +1,4 @@
-"""Build and install scadfast.
+"""Build the C++/CUDA extension and list the packages (the rest of the packaging is in pyproject.toml).
 
 The C++ extension ``scadfast._C`` (conditioning augmentation, ``csrc/``) always builds its CPU path;
 its CUDA path builds when a CUDA toolkit is found. ``SCADFAST_CUDA=0`` forces CPU only,
@@ -75,41 +75,12 @@ if cpp_sources:
     else:
         ext_modules.append(CppExtension("scadfast._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}))
 
+# Every package under scadfast/, plus kernels/ installed as scadfast.kernels (its directory is mapped in
+# pyproject.toml's package-dir). Found here, not listed statically, so a new subpackage needs no edit.
 packages = find_packages(include=["scadfast", "scadfast.*"]) + ["scadfast.kernels"]
 
 setup(
-    name="scadfast",
-    version="0.1.0",
-    description="Fast CLIP-aided text-to-image GANs (GALIP / SCAD / MS-CLIP-GAN) with fused GPU ops",
-    python_requires=">=3.10",
     packages=packages,
-    package_dir={"scadfast.kernels": "kernels"},
-    package_data={"scadfast": ["assets/*.pt", "assets/*.json"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    install_requires=[
-        "torch>=2.5",
-        "triton>=3.0; platform_system=='Linux'",
-        "open_clip_torch>=2.24",
-        "numpy>=1.24",
-        "pillow>=9",
-        "pyyaml>=6",
-        "tensorboard>=2.14",
-        "matplotlib>=3.7",  # learning-curve PNGs
-        "ninja",
-        "pybind11>=2.10",
-        "safetensors>=0.4",
-    ],
-    extras_require={
-        "dali": ["nvidia-dali-cuda130"],
-        "metrics": ["torch-fidelity>=0.4"],
-        "test": ["pytest>=7", "torch-fidelity>=0.4"],
-    },
-    entry_points={"console_scripts": [
-        "scadfast-train=scadfast.train:main",
-        "scadfast-sample=scadfast.sample:main",
-        "scadfast-evaluate=scadfast.evaluate:main",
-        "scadfast-export=scadfast.export:main",
-    ]},
-    zip_safe=False,
 )

@@ -286,7 +286,7 @@ def _cond_aug_spec(quick: bool, cuda: bool) -> OpSpec:
 
 
 def _sn_spec(quick: bool, cuda: bool) -> OpSpec:
-    from scadfast.ops.spectral_norm import power_iteration_
+    from scadfast.ops import power_iteration_
 
     def call(a, impl):
         power_iteration_(a[0], a[1], a[2], 1, 1e-12, impl=impl)
@@ -317,7 +317,7 @@ def _sn_spec(quick: bool, cuda: bool) -> OpSpec:
 
 
 def _sn_grouped_spec(quick: bool, cuda: bool) -> OpSpec:
-    from scadfast.ops.spectral_norm import power_iteration_grouped_
+    from scadfast.ops import power_iteration_grouped_
 
     def call(a, impl):
         n = len(a) // 3

@@ -131,7 +131,7 @@ def _wrap_function_ops(rec: Recorder):
 
 def _sn_hooks(pair, rec: Recorder):
     """Forward hooks on every SpectralNorm parametrization of the pair (G and D)."""
-    from scadfast.ops.spectral_norm import SpectralNorm
+    from scadfast.ops import SpectralNorm
 
     handles = []
     for owner_name, owner in (("G", pair.G), ("D", pair.D)):

@@ -454,6 +454,8 @@ def _run_side(name, targs, device, opts, peak) -> dict:
                                          "elementwise ops and fused custom ops count 0")
         else:
             side["flops_per_step"] = side["flops_per_image"] = None
+        if opts.profile:
+            side["profile_top"] = _profile(step, opts.profile, device, sync)
         side.update(_mfu(side, device, peak))
         side["projection"] = project(side["images_per_s"])
     except Exception as e:  # noqa: BLE001 - one failing side must not lose the other
@@ -467,6 +469,26 @@ def _run_side(name, targs, device, opts, peak) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return side
+
+
+def _profile(step, n: int, device, sync, top: int = 12) -> dict:
+    """``torch.profiler`` over ``n`` iterations: the ``top`` operators by self time (device time on a
+    GPU, CPU time otherwise) with their share of the total, calls and mean self time per call."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            step()
+        sync()
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    rows = [e for e in prof.key_averages() if getattr(e, key, 0) > 0]
+    total = sum(getattr(e, key) for e in rows) or 1
+    rows.sort(key=lambda e: getattr(e, key), reverse=True)
+    return {"iterations": n, "by": key, "total_ms": total / 1e3,
+            "ops": [{"op": e.key, "share": getattr(e, key) / total, "calls": e.count // n,
+                     "ms_per_iteration": getattr(e, key) / 1e3 / n} for e in rows[:top]]}
 
 
 def _mfu(side, device, peak) -> dict:
@@ -517,6 +539,8 @@ def parse(argv=None):
                    help="DataLoader workers of the reference (default: 2 on a CPU — the thread count of "
                         "scadfast's DALI pipeline —, GALIP's 8 on a GPU; capped at the CPU count)")
     p.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FlopCounterMode iteration")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also run torch.profiler over N iterations per side and keep the top operators")
     p.add_argument("--out", default=None, help="JSON file (default bench/results/train_step-<variant>-<device>.json)")
     p.add_argument("--tiny", action="store_true", help="tiny widths/data/windows (tests, dry runs)")
     opts, rest = p.parse_known_args(argv)

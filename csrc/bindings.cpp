@@ -5,7 +5,7 @@
 //   cond_aug_backward(a, eps, grad_c_hat, grad_mu, grad_logvar, grad_kl, glu) -> (grad_a, grad_eps)
 //
 // These are the raw kernels: no autograd. The PyTorch ops ``scadfast::cond_aug`` and
-// ``scadfast::cond_aug_backward`` (torch.library.custom_op in scadfast/ops/cond_aug.py, with fake
+// ``scadfast::cond_aug_backward`` (torch.library.custom_op in scadfast/ops/conditioning.py, with fake
 // impls and autograd) call them. The wrappers here validate what the kernels rely on, make the
 // inputs contiguous and dispatch on the device (CPU kernel, or CUDA kernel when built with CUDA).
 
@@ -100,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor> cond_aug_backward(const at::Tensor& a, const 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "scadfast C++/CUDA extension: fused conditioning augmentation (SPEC §6, §7)";
+  m.doc() = "scadfast C++/CUDA extension: fused conditioning augmentation (docs/design.md §6, §7)";
   m.def("has_cuda", &has_cuda, "True when the extension was compiled with its CUDA kernels.");
   m.def("cond_aug_forward", &cond_aug_forward, "Fused CA forward: (a, eps, glu) -> (c_hat, mu, logvar, kl)",
         py::arg("a"), py::arg("eps"), py::arg("glu"));

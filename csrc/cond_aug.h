@@ -1,4 +1,4 @@
-// Conditioning augmentation (StackGAN, SPEC §6): the elementwise part, fused.
+// Conditioning augmentation (StackGAN, docs/design.md §6): the elementwise part, fused.
 //
 // The linear layer a = s @ W^T + b stays a matmul in PyTorch. These kernels take the
 // pre-activation `a` and the noise `eps` and do everything after it in one pass:

@@ -1,4 +1,4 @@
-"""Triton kernels of the patch hinge loss (``scadfast.ops.patch_hinge_loss``, SPEC §5.2, §5.4, §7).
+"""Triton kernels of the patch hinge loss (``scadfast.ops.patch_hinge_loss``, docs/design.md §5.2, §5.4, §7).
 
 With ``s = -1`` for real logits and ``s = +1`` for fake ones, ``l = relu(1 + s·x)`` and an optional
 weight ``w`` broadcast to ``x``'s shape (``w ≡ 1`` without one)::
@@ -45,6 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import acc_dtype, device_ctx, tl_dtype
+
 MAX_PARTIALS = 1024  # upper bound on forward programs (the finish kernel reduces them in one block)
 _INT32_LIMIT = 2**31
 
@@ -83,14 +85,13 @@ def _hinge_fwd_kernel(
     XS1, XS2, XS3, XT0, XT1, XT2, XT3,
     WS1, WS2, WS3, WT0, WT1, WT2, WT3,
     SIGN: tl.constexpr, HAS_W: tl.constexpr, XRANK: tl.constexpr, WRANK: tl.constexpr,
-    ACC64: tl.constexpr, INT64: tl.constexpr, FINISH: tl.constexpr, BLOCK: tl.constexpr,
+    ACC: tl.constexpr, INT64: tl.constexpr, FINISH: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    acc_t: tl.constexpr = tl.float64 if ACC64 else tl.float32
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     lanes = tl.arange(0, BLOCK)
-    acc_l = tl.zeros([BLOCK], acc_t)
-    acc_w = tl.zeros([BLOCK], acc_t)
+    acc_l = tl.zeros([BLOCK], ACC)
+    acc_w = tl.zeros([BLOCK], ACC)
     for start in range(pid * BLOCK, N, nprog * BLOCK):
         if INT64:
             idx = start.to(tl.int64) + lanes
@@ -99,11 +100,11 @@ def _hinge_fwd_kernel(
         mask = idx < N
         xo = _strided_offsets(idx, XS1, XS2, XS3, XT0, XT1, XT2, XT3, XRANK)
         # Masked lanes load x = -SIGN, whose hinge is exactly 0.
-        x = tl.load(x_ptr + xo, mask=mask, other=-SIGN).to(acc_t)
+        x = tl.load(x_ptr + xo, mask=mask, other=-SIGN).to(ACC)
         l = tl.maximum(1.0 + SIGN * x, 0.0, propagate_nan=tl.PropagateNan.ALL)
         if HAS_W:
             wo = _strided_offsets(idx, WS1, WS2, WS3, WT0, WT1, WT2, WT3, WRANK)
-            w = tl.load(w_ptr + wo, mask=mask, other=0.0).to(acc_t)
+            w = tl.load(w_ptr + wo, mask=mask, other=0.0).to(ACC)
             acc_l += l * w
             acc_w += w
         else:
@@ -113,7 +114,7 @@ def _hinge_fwd_kernel(
         if HAS_W:
             denom = tl.sum(acc_w, axis=0)
         else:
-            denom = tl.zeros([], acc_t) + N
+            denom = tl.zeros([], ACC) + N
         tl.store(loss_ptr, s_l / denom)
         tl.store(denom_ptr, denom)
     else:
@@ -125,16 +126,15 @@ def _hinge_fwd_kernel(
 @triton.jit
 def _hinge_finish_kernel(
     part_ptr, loss_ptr, denom_ptr, P, N,
-    HAS_W: tl.constexpr, ACC64: tl.constexpr, BLOCK_P: tl.constexpr,
+    HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    acc_t: tl.constexpr = tl.float64 if ACC64 else tl.float32
     offs = tl.arange(0, BLOCK_P)
     m = offs < P
-    s_l = tl.sum(tl.load(part_ptr + offs, mask=m, other=0.0).to(acc_t), axis=0)
+    s_l = tl.sum(tl.load(part_ptr + offs, mask=m, other=0.0).to(ACC), axis=0)
     if HAS_W:
-        denom = tl.sum(tl.load(part_ptr + P + offs, mask=m, other=0.0).to(acc_t), axis=0)
+        denom = tl.sum(tl.load(part_ptr + P + offs, mask=m, other=0.0).to(ACC), axis=0)
     else:
-        denom = tl.zeros([], acc_t) + N
+        denom = tl.zeros([], ACC) + N
     tl.store(loss_ptr, s_l / denom)
     tl.store(denom_ptr, denom)
 
@@ -145,24 +145,23 @@ def _hinge_bwd_kernel(
     XS1, XS2, XS3, XT0, XT1, XT2, XT3,
     WS1, WS2, WS3, WT0, WT1, WT2, WT3,
     SIGN: tl.constexpr, HAS_W: tl.constexpr, XRANK: tl.constexpr, WRANK: tl.constexpr,
-    ACC64: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr,
+    ACC: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    acc_t: tl.constexpr = tl.float64 if ACC64 else tl.float32
     pid = tl.program_id(0)
     if INT64:
         idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     else:
         idx = pid * BLOCK + tl.arange(0, BLOCK)
     mask = idx < N
-    coef = tl.load(g_ptr).to(acc_t) / tl.load(denom_ptr).to(acc_t)
+    coef = tl.load(g_ptr).to(ACC) / tl.load(denom_ptr).to(ACC)
     xo = _strided_offsets(idx, XS1, XS2, XS3, XT0, XT1, XT2, XT3, XRANK)
-    x = tl.load(x_ptr + xo, mask=mask, other=0.0).to(acc_t)
+    x = tl.load(x_ptr + xo, mask=mask, other=0.0).to(ACC)
     if HAS_W:
         wo = _strided_offsets(idx, WS1, WS2, WS3, WT0, WT1, WT2, WT3, WRANK)
-        w = tl.load(w_ptr + wo, mask=mask, other=0.0).to(acc_t)
+        w = tl.load(w_ptr + wo, mask=mask, other=0.0).to(ACC)
         gl = coef * w
     else:
-        gl = coef + tl.zeros([BLOCK], acc_t)
+        gl = coef + tl.zeros([BLOCK], ACC)
     # Written as "not (… <= 0)" so that a NaN logit passes the gradient on, as autograd's
     # threshold_backward through relu does.
     inactive = (1.0 + SIGN * x) <= 0.0
@@ -228,38 +227,29 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _device_ctx(t: torch.Tensor):
-    if t.device.type == "cuda":
-        return torch.cuda.device(t.device)
-    import contextlib
-
-    return contextlib.nullcontext()
-
-
 SMALL_N = 1 << 16  # up to this many elements the forward is a single program (one launch)
 
 
 def _fwd_config(n: int, device: torch.device):
     """(BLOCK, programs, num_warps) of the forward pass.
 
-    Measured on an H100 (CUDA-graph replay, so launch latency on the host is excluded): for the
-    64×1×26×26 PatchGAN map one program of 2048 lanes / 16 warps takes ~5 µs against ~3 µs for 22
-    programs plus the finishing launch, but the second launch costs far more host time than the
-    2 µs it saves, so inputs up to ``SMALL_N`` elements use one program. Larger inputs use
-    4096-element chunks over up to 4 programs per SM (≈3.0-3.1 TB/s at 2^27 fp32 elements).
+    Inputs up to ``SMALL_N`` elements (every PatchGAN map of a training batch) use one program:
+    more programs finish the device work sooner only by about the cost of a launch, and the
+    finishing launch they need costs more host time than that. Larger inputs use 4096-element
+    chunks over up to 4 programs per SM, which is what streams at full bandwidth.
     """
     if device.type == "cuda":
         if n <= SMALL_N:
             return 2048, 1, 16
         index = device.index if device.index is not None else torch.cuda.current_device()
         return 4096, min(triton.cdiv(n, 4096), MAX_PARTIALS, 4 * _sm_count(index)), 16
-    # The Triton interpreter: every program instance costs ~1 ms, keep the grid tiny (but more
+    # The Triton interpreter pays per program instance: keep the grid tiny (but more
     # than one program for a few thousand elements, so both reduction paths are exercised).
     return 1024, min(triton.cdiv(n, 1024), 4), 4
 
 
 def _bwd_config(device: torch.device):
-    """(BLOCK, num_warps) of the backward pass (≈2.9-3.0 TB/s read+write on an H100 for large inputs)."""
+    """(BLOCK, num_warps) of the backward pass (one 1024-element block per program, 4 warps)."""
     return 1024, 4
 
 
@@ -267,7 +257,7 @@ def _bwd_config(device: torch.device):
 # Launchers
 
 
-def hinge_forward(
+def patch_hinge_forward(
     x: torch.Tensor, w: torch.Tensor | None, real: bool, *, block: int | None = None, programs: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss, Σw)`` as 0-dim tensors in the accumulation dtype (fp32; fp64 for fp64 ``x``).
@@ -277,40 +267,40 @@ def hinge_forward(
     (tests use them to reach the multi-program path on small inputs).
     """
     n = x.numel()
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x.dtype)
     x, w, xl, wl = _prepare(x, w)
     d_block, d_prog, warps = _fwd_config(n, x.device)
     if block is None:
         block, p = d_block, d_prog
     else:
         if block <= 0 or block & (block - 1):
-            raise ValueError(f"hinge_forward: block must be a power of two, got {block}")
+            raise ValueError(f"patch_hinge_forward: block must be a power of two, got {block}")
         p = min(triton.cdiv(n, block), MAX_PARTIALS)
     if programs is not None:
         p = programs
     if not 1 <= p <= MAX_PARTIALS:
-        raise ValueError(f"hinge_forward: programs must be in [1, {MAX_PARTIALS}], got {p}")
+        raise ValueError(f"patch_hinge_forward: programs must be in [1, {MAX_PARTIALS}], got {p}")
     int64 = n >= _INT32_LIMIT or max(xl[3], wl[3]) >= _INT32_LIMIT
     loss = torch.empty((), dtype=acc, device=x.device)
     denom = torch.empty((), dtype=acc, device=x.device)
     has_w = w is not None
     part = loss if p == 1 else torch.empty((2 if has_w else 1) * p, dtype=acc, device=x.device)
     sign = -1.0 if real else 1.0
-    with _device_ctx(x):
+    with device_ctx(x):
         _hinge_fwd_kernel[(p,)](
             x, w if has_w else x, part, loss, denom, n, *_layout_args(xl, wl),
-            SIGN=sign, HAS_W=has_w, XRANK=xl[0], WRANK=wl[0], ACC64=acc == torch.float64,
+            SIGN=sign, HAS_W=has_w, XRANK=xl[0], WRANK=wl[0], ACC=tl_dtype(acc),
             INT64=int64, FINISH=p == 1, BLOCK=block, num_warps=warps,
         )
         if p > 1:
             _hinge_finish_kernel[(1,)](
                 part, loss, denom, p, n,
-                HAS_W=has_w, ACC64=acc == torch.float64, BLOCK_P=max(16, triton.next_power_of_2(p)), num_warps=4,
+                HAS_W=has_w, ACC=tl_dtype(acc), BLOCK_P=max(16, triton.next_power_of_2(p)), num_warps=4,
             )
     return loss, denom
 
 
-def hinge_backward(
+def patch_hinge_backward(
     grad: torch.Tensor, denom: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None, real: bool,
     *, block: int | None = None,
 ) -> torch.Tensor:
@@ -321,13 +311,13 @@ def hinge_backward(
     d_block, warps = _bwd_config(x.device)
     block = block or d_block
     if block <= 0 or block & (block - 1):
-        raise ValueError(f"hinge_backward: block must be a power of two, got {block}")
+        raise ValueError(f"patch_hinge_backward: block must be a power of two, got {block}")
     int64 = n >= _INT32_LIMIT or max(xl[3], wl[3]) >= _INT32_LIMIT
     has_w = w is not None
-    with _device_ctx(x):
+    with device_ctx(x):
         _hinge_bwd_kernel[(triton.cdiv(n, block),)](
             grad, denom, x, w if has_w else x, out, n, *_layout_args(xl, wl),
             SIGN=-1.0 if real else 1.0, HAS_W=has_w, XRANK=xl[0], WRANK=wl[0],
-            ACC64=x.dtype == torch.float64, INT64=int64, BLOCK=block, num_warps=warps,
+            ACC=tl_dtype(acc_dtype(x.dtype)), INT64=int64, BLOCK=block, num_warps=warps,
         )
     return out

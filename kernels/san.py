@@ -1,4 +1,4 @@
-"""Triton kernels for the SAN logits and the SAN discriminator loss (SPEC §5.3, §7).
+"""Triton kernels for the SAN logits and the SAN discriminator loss (docs/design.md §5.3, §7).
 
 Everything here reduces to two per-row statistics of ``h`` and ``omega`` (both (B, D)):
 
@@ -38,11 +38,11 @@ so tests can force several D tiles, partial row blocks and many programs on smal
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from ._common import acc_dtype, device_ctx, tl_dtype
 
 EPS = 1e-12  # the reference's clamp on ‖ω‖; the kernels compare n2 against EPS²
 _MAX_TILE = 4096  # elements of one [BLOCK_B, BLOCK_D] tile (per loaded tensor)
@@ -51,7 +51,7 @@ _BLOCK_P = 128  # width of the final deterministic reduction over the partials
 
 
 # ---------------------------------------------------------------------------------------------
-# jit helpers
+# Kernels: shared jit helpers
 
 
 @triton.jit
@@ -105,7 +105,7 @@ def _write_grads(h_ptr, w_ptr, gh_ptr, gw_ptr, rows, B, D, s_hb, s_hd, s_wb, s_w
 
 
 # ---------------------------------------------------------------------------------------------
-# san_logits
+# Kernels: san_logits
 
 
 @triton.jit
@@ -142,7 +142,7 @@ def _san_logits_bwd_kernel(gfun_ptr, gdir_ptr, gf_ptr, stats_ptr, h_ptr, w_ptr, 
 
 
 # ---------------------------------------------------------------------------------------------
-# san_d_loss
+# Kernels: san_d_loss
 
 
 @triton.jit
@@ -248,11 +248,7 @@ def _san_loss_bwd_kernel(grad_ptr, hr_ptr, wr_ptr, hf_ptr, wf_ptr, fw_ptr, stats
 
 
 # ---------------------------------------------------------------------------------------------
-# launchers
-
-
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+# Launchers
 
 
 def _blocks(rows: int, D: int, block_b: int | None, block_d: int | None) -> tuple[int, int]:
@@ -273,34 +269,30 @@ def _num_warps(block_b: int, block_d: int) -> int:
     return 8 if block_b * block_d >= 4096 else 4
 
 
-def _device_ctx(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
-def san_logits_fwd(h: torch.Tensor, omega: torch.Tensor, block_b: int | None = None,
-                   block_d: int | None = None):
+def san_logits_forward(h: torch.Tensor, omega: torch.Tensor, block_b: int | None = None,
+                       block_d: int | None = None):
     """Launch the fused forward. Returns ``(f_fun, f_dir, f, stats)``: three (B,) logits in the
     promoted dtype of ``h``/``omega`` and ``stats`` (2, B) = [⟨h, ω⟩; ‖ω‖²] in fp32 (fp64 for
     fp64 inputs). ``h`` and ``omega`` are (B, D), same device, any strides; validated by the caller."""
     B, D = h.shape
     out_dtype = torch.promote_types(h.dtype, omega.dtype)
-    acc = torch.float64 if out_dtype == torch.float64 else torch.float32
+    acc = acc_dtype(out_dtype)
     f_fun = h.new_empty((B,), dtype=out_dtype)
     f_dir = h.new_empty((B,), dtype=out_dtype)
     f = h.new_empty((B,), dtype=out_dtype)
     stats = h.new_empty((2, B), dtype=acc)
     bb, bd = _blocks(B, D, block_b, block_d)
     grid = (triton.cdiv(B, bb),)
-    with _device_ctx(h):
+    with device_ctx(h):
         _san_logits_fwd_kernel[grid](
             h, omega, f_fun, f_dir, f, stats, B, D,
             h.stride(0), h.stride(1), omega.stride(0), omega.stride(1),
-            BLOCK_B=bb, BLOCK_D=bd, ACC=_acc(acc), num_warps=_num_warps(bb, bd))
+            BLOCK_B=bb, BLOCK_D=bd, ACC=tl_dtype(acc), num_warps=_num_warps(bb, bd))
     return f_fun, f_dir, f, stats
 
 
-def san_logits_bwd(g_fun, g_dir, g_f, h, omega, stats, block_b: int | None = None,
-                   block_d: int | None = None):
+def san_logits_backward(g_fun, g_dir, g_f, h, omega, stats, block_b: int | None = None,
+                        block_d: int | None = None):
     """Launch the fused backward: ``(grad_h, grad_omega)``, contiguous, in the dtypes of ``h`` and
     ``omega``. ``g_*`` are the (B,) output gradients (any dtype/strides), ``stats`` the forward's."""
     B, D = h.shape
@@ -311,11 +303,11 @@ def san_logits_bwd(g_fun, g_dir, g_f, h, omega, stats, block_b: int | None = Non
     gw = torch.empty((B, D), dtype=omega.dtype, device=omega.device)
     bb, bd = _blocks(B, D, block_b, block_d)
     grid = (triton.cdiv(B, bb),)
-    with _device_ctx(h):
+    with device_ctx(h):
         _san_logits_bwd_kernel[grid](
             g_fun, g_dir, g_f, stats, h, omega, gh, gw, B, D,
             h.stride(0), h.stride(1), omega.stride(0), omega.stride(1), EPS * EPS,
-            BLOCK_B=bb, BLOCK_D=bd, ACC=_acc(acc), num_warps=_num_warps(bb, bd))
+            BLOCK_B=bb, BLOCK_D=bd, ACC=tl_dtype(acc), num_warps=_num_warps(bb, bd))
     return gh, gw
 
 
@@ -326,8 +318,8 @@ def _loss_grid(Br: int, Bf: int, D: int, block_b, block_d):
     return bb, bd, nbr, nbr + triton.cdiv(Bf, bb)
 
 
-def san_d_loss_fwd(h_real, omega_real, h_fake, omega_fake, fake_weight=None,
-                   block_b: int | None = None, block_d: int | None = None, block_p: int = _BLOCK_P):
+def san_d_loss_forward(h_real, omega_real, h_fake, omega_fake, fake_weight=None,
+                       block_b: int | None = None, block_d: int | None = None, block_p: int = _BLOCK_P):
     """Launch the fused SAN loss forward (one kernel, deterministic cross-row reduction).
 
     Returns ``(loss, stats_r, stats_f, wsum)``: the 0-d loss, the per-row [⟨h, ω⟩; ‖ω‖²] of each
@@ -336,8 +328,7 @@ def san_d_loss_fwd(h_real, omega_real, h_fake, omega_fake, fake_weight=None,
     """
     Br, D = h_real.shape
     Bf = h_fake.shape[0]
-    dtypes = [h_real.dtype, omega_real.dtype, h_fake.dtype, omega_fake.dtype]
-    acc = torch.float64 if torch.float64 in dtypes else torch.float32
+    acc = acc_dtype(h_real.dtype, omega_real.dtype, h_fake.dtype, omega_fake.dtype)
     dev = h_real.device
     bb, bd, nbr, n_prog = _loss_grid(Br, Bf, D, block_b, block_d)
     loss = torch.empty((), dtype=acc, device=dev)
@@ -350,20 +341,20 @@ def san_d_loss_fwd(h_real, omega_real, h_fake, omega_fake, fake_weight=None,
     counter = torch.zeros((1,), dtype=torch.int32, device=dev)
     has_w = fake_weight is not None
     fw = fake_weight if has_w else wsum  # dummy pointer, never read
-    with _device_ctx(h_real):
+    with device_ctx(h_real):
         _san_loss_fwd_kernel[(n_prog,)](
             h_real, omega_real, h_fake, omega_fake, fw, stats_r, stats_f,
             partials, counter, loss, wsum,
             Br, Bf, D, h_real.stride(0), h_real.stride(1), omega_real.stride(0), omega_real.stride(1),
             h_fake.stride(0), h_fake.stride(1), omega_fake.stride(0), omega_fake.stride(1),
             fake_weight.stride(0) if has_w else 0, nbr, n_prog,
-            HAS_W=has_w, BLOCK_B=bb, BLOCK_D=bd, BLOCK_P=block_p, ACC=_acc(acc),
+            HAS_W=has_w, BLOCK_B=bb, BLOCK_D=bd, BLOCK_P=block_p, ACC=tl_dtype(acc),
             num_warps=_num_warps(bb, bd))
     return loss, stats_r, stats_f, wsum
 
 
-def san_d_loss_bwd(grad, h_real, omega_real, h_fake, omega_fake, fake_weight, stats_r, stats_f, wsum,
-                   block_b: int | None = None, block_d: int | None = None):
+def san_d_loss_backward(grad, h_real, omega_real, h_fake, omega_fake, fake_weight, stats_r, stats_f, wsum,
+                        block_b: int | None = None, block_d: int | None = None):
     """Launch the fused SAN loss backward: ``(grad_h_real, grad_omega_real, grad_h_fake,
     grad_omega_fake)``, contiguous, each in its input's dtype. ``grad`` is the 0-d loss gradient
     (read on the device, no host sync); the rest are the forward's inputs and saved outputs."""
@@ -378,13 +369,13 @@ def san_d_loss_bwd(grad, h_real, omega_real, h_fake, omega_fake, fake_weight, st
     grad = grad.reshape(()).to(stats_r.dtype)
     has_w = fake_weight is not None
     fw = fake_weight if has_w else wsum
-    with _device_ctx(h_real):
+    with device_ctx(h_real):
         _san_loss_bwd_kernel[(n_prog,)](
             grad, h_real, omega_real, h_fake, omega_fake, fw, stats_r, stats_f, wsum,
             ghr, gwr, ghf, gwf,
             Br, Bf, D, h_real.stride(0), h_real.stride(1), omega_real.stride(0), omega_real.stride(1),
             h_fake.stride(0), h_fake.stride(1), omega_fake.stride(0), omega_fake.stride(1),
             fake_weight.stride(0) if has_w else 0, nbr, EPS * EPS,
-            HAS_W=has_w, BLOCK_B=bb, BLOCK_D=bd, ACC=_acc(stats_r.dtype),
+            HAS_W=has_w, BLOCK_B=bb, BLOCK_D=bd, ACC=tl_dtype(stats_r.dtype),
             num_warps=_num_warps(bb, bd))
     return ghr, gwr, ghf, gwf

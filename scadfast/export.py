@@ -16,6 +16,8 @@ import sys
 
 import torch
 
+from .cli import prog
+
 META_KEY = "scadfast"
 FORMAT = "scadfast-generator-1"
 
@@ -68,7 +70,7 @@ def load_export(path: str) -> tuple[dict, dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m scadfast.export", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=prog("scadfast.export"), description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="checkpoint file or run directory")
     p.add_argument("--out", required=True, help="output .safetensors file")
     a = p.parse_args(argv)

@@ -137,7 +137,8 @@ def test_train_step_tiny_runs_both_sides(tmp_path):
     out = tmp_path / "train_step.json"
     cache = tmp_path / "cache"
     proc = subprocess.run(
-        [sys.executable, TRAIN_STEP, "--tiny", "--variant", "scad_mi", "--device", "cpu", "--out", str(out)],
+        [sys.executable, TRAIN_STEP, "--tiny", "--variant", "scad_mi", "--device", "cpu", "--profile", "1",
+         "--out", str(out)],
         cwd=ROOT, env=_env(SCADFAST_CACHE=str(cache)), capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -163,6 +164,11 @@ def test_train_step_tiny_runs_both_sides(tmp_path):
         assert side["peak_memory"]["peak_mib"] > 0
         assert side["flops_per_image"] > 1e6 and side["flops_per_step"] == pytest.approx(4 * side["flops_per_image"])
         assert 0 < side["mfu"] and side["peak_tflops"] == res["peak"]["measured_tflops"]
+        prof = side["profile_top"]
+        assert prof["iterations"] == 1 and prof["by"] == "self_cpu_time_total" and prof["total_ms"] > 0
+        shares = [o["share"] for o in prof["ops"]]
+        assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
+        assert any("conv" in o["op"] for o in prof["ops"]), prof["ops"]  # G and D are conv nets
         proj = {p["name"]: p for p in side["projection"]}
         assert len(proj) == len(res["schedules"]) >= 3
         for p in proj.values():

@@ -1,4 +1,4 @@
-"""Fused conditioning augmentation (scadfast.ops.cond_aug) against its PyTorch reference.
+"""Fused conditioning augmentation (scadfast.ops.cond_aug, module scadfast.ops.conditioning) against its PyTorch reference.
 
 On CPU, impl="auto" runs the C++ kernel of the extension scadfast._C (tests/test_extension.py checks
 that it is built); the tests marked ``gpu`` run the CUDA kernels and are skipped without a GPU.
@@ -237,15 +237,22 @@ def test_torch_compile_fullgraph_forward_backward():
         torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", MODES)
-def test_opcheck(mode):
+def test_opcheck(mode, device):
     E = 3
-    a = torch.randn(4, PARTS[mode] * E, dtype=torch.float64, requires_grad=True)
-    eps = torch.randn(4, E, dtype=torch.float64, requires_grad=True)
-    torch.library.opcheck(torch.ops.scadfast.cond_aug.default, (a, eps, mode))
-    grads = [torch.randn(4, E, dtype=torch.float64, requires_grad=True) for _ in range(3)]
-    gkl = torch.randn((), dtype=torch.float64, requires_grad=True)
-    torch.library.opcheck(torch.ops.scadfast.cond_aug_backward.default, (a, eps, *grads, gkl, mode))
+    a = torch.randn(4, PARTS[mode] * E, dtype=torch.float64, device=device, requires_grad=True)
+    eps = torch.randn(4, E, dtype=torch.float64, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.scadfast.cond_aug.default, (a, eps, mode, device))
+    grads = [torch.randn(4, E, dtype=torch.float64, device=device, requires_grad=True) for _ in range(3)]
+    gkl = torch.randn((), dtype=torch.float64, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.scadfast.cond_aug_backward.default, (a, eps, *grads, gkl, mode, device))
+
+
+def test_backend_must_match_the_device():
+    a, eps = torch.randn(2, 8), torch.randn(2, 2)
+    with pytest.raises(ValueError, match="backend='cuda' does not run tensors on cpu"):
+        torch.ops.scadfast.cond_aug(a, eps, "glu", "cuda")
 
 
 def test_module():

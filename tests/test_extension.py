@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
+import types
 import warnings
 
 import pytest
@@ -32,16 +32,31 @@ def test_has_cuda_answers():
     assert ext is not None, _impl.extension_error()
     answer = ext.has_cuda()
     assert isinstance(answer, bool)
-    assert _impl.extension_available(cuda=True) is answer
     if not answer:  # a CPU-only build refuses CUDA tensors with a clear message (checked before any CUDA call)
         if torch.cuda.is_available():
             with pytest.raises(RuntimeError, match="built without CUDA kernels"):
                 ext.cond_aug_forward(torch.zeros(1, 4, device="cuda"), torch.zeros(1, 2, device="cuda"), False)
 
 
-def test_ops_are_registered():
-    assert hasattr(torch.ops.scadfast, "cond_aug")
-    assert hasattr(torch.ops.scadfast, "cond_aug_backward")
+@pytest.mark.parametrize("has_cuda", [False, True])
+def test_extension_available_follows_has_cuda(monkeypatch, has_cuda):
+    """``extension_available(cuda=True)`` (what impl="auto"/"cuda" decide on) asks the build."""
+    stub = types.SimpleNamespace(has_cuda=lambda: has_cuda)
+    monkeypatch.setattr(_impl, "_load_extension", lambda: (stub, None))
+    assert _impl.extension_available() is True
+    assert _impl.extension_available(cuda=True) is has_cuda
+
+
+def test_ops_have_fake_impls_with_the_right_shapes():
+    """On meta tensors the ops answer through their fake implementations (what torch.compile uses)."""
+    a, eps = torch.empty(5, 12, device="meta"), torch.empty(5, 3, device="meta")
+    c_hat, mu, logvar, kl = torch.ops.scadfast.cond_aug(a, eps, "glu", "cpu")
+    assert [t.shape for t in (c_hat, mu, logvar)] == [(5, 3)] * 3 and kl.shape == ()
+    assert all(t.device.type == "meta" for t in (c_hat, mu, logvar, kl))
+    g = torch.empty(5, 3, device="meta")
+    grad_a, grad_eps = torch.ops.scadfast.cond_aug_backward(a, eps, g, g, g, torch.empty((), device="meta"),
+                                                            "glu", "cpu")
+    assert grad_a.shape == (5, 12) and grad_eps.shape == (5, 3)
 
 
 @pytest.fixture
@@ -83,7 +98,7 @@ def test_missing_extension_explicit_cuda_raises(no_extension):
         cond_aug(s, w, b, eps, impl="cuda")
     # The raw op says the same instead of failing obscurely.
     with pytest.raises(RuntimeError, match="needs the compiled extension scadfast._C"):
-        torch.ops.scadfast.cond_aug(torch.randn(4, 12), eps, "glu")
+        torch.ops.scadfast.cond_aug(torch.randn(4, 12), eps, "glu", "cpu")
 
 
 def test_auto_impl_on_cpu_runs_the_extension_and_explicit_cuda_raises(monkeypatch):
@@ -93,8 +108,8 @@ def test_auto_impl_on_cpu_runs_the_extension_and_explicit_cuda_raises(monkeypatc
     def no_reference(*args, **kwargs):
         raise AssertionError("the reference ran instead of the extension")
 
-    # (scadfast.ops.cond_aug the attribute is the function; the module is in sys.modules)
-    mod = importlib.import_module("scadfast.ops.cond_aug")
+    import scadfast.ops.conditioning as mod
+
     monkeypatch.setattr(mod, "cond_aug_ref", no_reference)
     for o, r in zip(cond_aug(s, w, b, eps, impl="auto"), expected):
         torch.testing.assert_close(o, r)

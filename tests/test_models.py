@@ -315,7 +315,7 @@ def test_vit_b32_shapes_and_parameter_counts():
 
 
 def test_ref_impl_switches_spectral_norm_for_the_call(clip):
-    from scadfast.ops.spectral_norm import SpectralNorm
+    from scadfast.ops import SpectralNorm
 
     pair = _pair(clip, "scad_dd")
     sns = [m for m in pair.D.modules() if isinstance(m, SpectralNorm)]
@@ -377,3 +377,24 @@ def test_fakes_generated_once_per_iteration_equal_the_separate_passes(clip, name
             if a[k] is not None:
                 torch.testing.assert_close(a[k], b[k], msg=k)
     assert any(v is not None and v.abs().sum() > 0 for v in gg1.values())
+
+
+@pytest.mark.parametrize("name", ["scad_mi", "scad_dd"])
+def test_channels_last_pair_computes_the_same_losses_and_gradients(clip, name):
+    """`train --channels-last` (the default) only changes the conv weights' memory order."""
+    pair = _pair(clip, name)
+    pair_cl = copy.deepcopy(pair).to(memory_format=torch.channels_last)
+    convs = [p for p in pair_cl.parameters() if p.ndim == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    real, s, z = _batch()
+    for p in (pair, pair_cl):
+        _zero_grads(p.G, p.D)
+        torch.manual_seed(3)
+        d, _ = p.d_loss(real, s, z)
+        g, _ = p.g_loss(s, z)
+        (d + g).backward()
+        p.losses = (d.item(), g.item())
+    assert pair_cl.losses == pytest.approx(pair.losses, rel=1e-4, abs=1e-5)
+    for (n, a), b in zip(pair.named_parameters(), pair_cl.parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5, msg=n)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from scadfast.models.clip import FrozenCLIP
 from scadfast.models.ms_clip_gan import MSCLIPGAN, alignment_loss, build_ms_clip_gan, stage_sizes
+from scadfast.ops import _impl
 from scadfast.variants import get
 
 CAPTIONS = ["a small red circle", "a blue square at the top left", "a green triangle", "a small red circle"]
@@ -185,8 +186,17 @@ def assert_auto_matches_ref(pair, real, s, z, rtol=1e-5, atol=1e-5, grad_rtol=1e
                 torch.testing.assert_close(ga[n], gr[n], rtol=grad_rtol, atol=grad_atol, msg=n)
 
 
+def require_fused_cond_aug(cuda=False):
+    """Without the compiled extension cond_aug's impl="auto" quietly runs its reference, and comparing
+    "auto" with "ref" would compare the reference with itself: fail instead (as test_cond_aug.py does)."""
+    assert _impl.extension_available(), f"scadfast._C is not built: {_impl.extension_error()}"
+    if cuda:
+        assert _impl.extension_available(cuda=True), "scadfast._C was built without its CUDA kernels"
+
+
 @pytest.mark.parametrize("ca_mode", ["glu", "relu"])
 def test_auto_and_ref_agree(clip, text, ca_mode):
+    require_fused_cond_aug()
     pair = build_ms_clip_gan(tiny_cfg(ca_mode=ca_mode, label_smoothing=0.1), clip)
     real, s, z = batch(text, B=4)  # B=4 has a duplicate caption → masked mismatch pair
     assert_auto_matches_ref(pair, real, s, z)
@@ -194,6 +204,7 @@ def test_auto_and_ref_agree(clip, text, ca_mode):
 
 @pytest.mark.gpu
 def test_cuda_auto_matches_ref_and_runs_under_bf16_autocast(text):
+    require_fused_cond_aug(cuda=True)
     dev = torch.device("cuda")
     torch.manual_seed(1234)
     clip_cuda = FrozenCLIP("scadfast-tiny", pretrained=None, device=dev)

@@ -23,36 +23,14 @@ import torch
 from scadfast import checkpoint as ckpt_lib
 from scadfast import evaluate, sample, train
 
-TINY = ["--shapes-n", "48", "--batch-size", "4", "--log-every", "1", "--sample-every", "2",
-        "--ngf", "16", "--ndf", "16", "--device", "cpu", "--sample-prompts", "2", "--sample-noise", "2",
-        "--eval-every", "0"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("cache"))
-    old = os.environ.get("SCADFAST_CACHE")
-    os.environ["SCADFAST_CACHE"] = d
-    yield d
-    if old is None:
-        os.environ.pop("SCADFAST_CACHE", None)
-    else:
-        os.environ["SCADFAST_CACHE"] = old
-
-
-def _env(cache):
-    env = dict(os.environ, SCADFAST_CACHE=cache, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("TRITON_INTERPRET", None)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-@pytest.fixture(scope="module")
-def run_dir(cache, tmp_path_factory):
+def run_dir(cache, tmp_path_factory, tiny_train):
     """A finished 2-step galip run with checkpoints at steps 1 and 2."""
     out = str(tmp_path_factory.mktemp("rel") / "run")
-    assert train.main(["--variant", "galip", "--steps", "2", "--ckpt-every", "1", "--out", out, *TINY]) == 0
+    assert train.main(["--variant", "galip", "--steps", "2", "--ckpt-every", "1", "--out", out, *tiny_train()]) == 0
     return out
 
 
@@ -70,16 +48,15 @@ def _one_line(err: str) -> str:
 # ---- 1. the checkpoint is written before anything optional at a step boundary ------------------
 
 
-def test_sample_prompts_zero_keeps_the_checkpoint(cache, tmp_path):
+def test_sample_prompts_zero_keeps_the_checkpoint(cache, tmp_path, tiny_train):
     out = str(tmp_path / "r")
-    assert train.main(["--variant", "galip", "--steps", "2", "--out", out, *TINY[:-4], "--sample-prompts", "0",
-                       "--sample-noise", "2"]) == 0
+    assert train.main(["--variant", "galip", "--steps", "2", "--out", out, *tiny_train(sample_prompts=0)]) == 0
     assert ckpt_lib.load(out)["step"] == 2
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["checkpoint"] == os.path.join(out, "ckpt.pt") and summary["samples"] is None
 
 
-def test_failing_samples_and_tensorboard_warn_and_training_continues(cache, tmp_path, monkeypatch, capsys):
+def test_failing_samples_and_tensorboard_warn_and_training_continues(cache, tmp_path, monkeypatch, capsys, tiny_train):
     from scadfast.progress import Progress
 
     def boom(*a, **k):
@@ -91,7 +68,7 @@ def test_failing_samples_and_tensorboard_warn_and_training_continues(cache, tmp_
     monkeypatch.setattr(train.Trainer, "write_samples", boom)
     monkeypatch.setattr(Progress, "log", tb_boom)
     out = str(tmp_path / "r")
-    assert train.main(["--variant", "galip", "--steps", "3", "--ckpt-every", "1", "--out", out, *TINY]) == 0
+    assert train.main(["--variant", "galip", "--steps", "3", "--ckpt-every", "1", "--out", out, *tiny_train()]) == 0
     err = capsys.readouterr().err
     assert ckpt_lib.load(out)["step"] == 3  # every checkpoint was written
     assert err.count("warning: sample grid failed at step") == 2  # steps 2 and 3
@@ -128,11 +105,11 @@ def test_good_config_values_are_converted_like_flags(tmp_path):
 # ---- 3. one process per run directory -----------------------------------------------------------
 
 
-def test_second_train_on_the_same_out_fails_at_once_naming_the_pid(cache, tmp_path, monkeypatch):
+def test_second_train_on_the_same_out_fails_at_once_naming_the_pid(train_env, tmp_path, monkeypatch, tiny_train):
     out = tmp_path / "busy"
     first = subprocess.Popen(
         [sys.executable, "-m", "scadfast.train", "--variant", "galip", "--steps", "1000", "--ckpt-every", "1000",
-         "--out", str(out), *TINY], env=_env(cache), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+         "--out", str(out), *tiny_train()], env=train_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
         while time.time() < deadline and not (out / "config.json").exists() and first.poll() is None:
@@ -145,7 +122,7 @@ def test_second_train_on_the_same_out_fails_at_once_naming_the_pid(cache, tmp_pa
         monkeypatch.setattr(train.Trainer, "__init__", no_setup)
         t0 = time.perf_counter()
         with pytest.raises(SystemExit) as e:
-            train.main(["--variant", "galip", "--steps", "1", "--out", str(out), *TINY])
+            train.main(["--variant", "galip", "--steps", "1", "--out", str(out), *tiny_train()])
         assert time.perf_counter() - t0 < 5
         assert f"pid {first.pid}" in str(e.value) and str(out) in str(e.value)
     finally:
@@ -167,7 +144,7 @@ def _flip_middle(path, n=64):
     open(path, "wb").write(bytes(data))
 
 
-def test_flipped_bytes_are_refused_and_resume_uses_the_newest_intact(run_dir, tmp_path, capsys):
+def test_flipped_bytes_are_refused_and_resume_uses_the_newest_intact(run_dir, tmp_path, capsys, tiny_train):
     out = _copy_run(run_dir, tmp_path / "flip")
     latest = os.path.join(out, "ckpt.pt")
     _flip_middle(latest)
@@ -181,7 +158,8 @@ def test_flipped_bytes_are_refused_and_resume_uses_the_newest_intact(run_dir, tm
     assert not (tmp_path / "s.png").exists()
     # --resume continues from ckpt-00000002.pt (same step as the damaged ckpt.pt), saying so
     _flip_middle(os.path.join(out, "ckpt-00000001.pt"))
-    assert train.main(["--variant", "galip", "--steps", "3", "--ckpt-every", "1", "--out", out, "--resume", *TINY]) == 0
+    assert train.main(["--variant", "galip", "--steps", "3", "--ckpt-every", "1", "--out", out, "--resume",
+                       *tiny_train()]) == 0
     err = capsys.readouterr().err
     assert "checksum mismatch" in err and "resuming from" in err and "ckpt-00000002.pt (step 2)" in err
     assert ckpt_lib.load(out)["step"] == 3
@@ -220,7 +198,7 @@ def _container_file(state) -> bytes:
 
 
 @pytest.mark.parametrize("make", [_legacy_file, _container_file], ids=["bare-zip", "checksummed"])
-def test_pickle_payload_is_refused_without_running(run_dir, cache, tmp_path, make, capsys):
+def test_pickle_payload_is_refused_without_running(run_dir, cache, tmp_path, make, capsys, tiny_train):
     marker = str(tmp_path / "PWNED")
     evil_dir = tmp_path / "evil"
     evil_dir.mkdir()
@@ -234,7 +212,7 @@ def test_pickle_payload_is_refused_without_running(run_dir, cache, tmp_path, mak
                         "--out", str(tmp_path / "s.png")]) == 1
     assert evaluate.main(["--ckpt", str(evil_dir), "--metrics", "clip_score", "--device", "cpu", "--quiet",
                           "--out", str(tmp_path / "e.json")]) == 2
-    assert train.main(["--variant", "galip", "--steps", "3", "--out", str(evil_dir), "--resume", *TINY]) == 1
+    assert train.main(["--variant", "galip", "--steps", "3", "--out", str(evil_dir), "--resume", *tiny_train()]) == 1
     assert "refused" in capsys.readouterr().err
     assert not os.path.exists(marker)
 
@@ -277,7 +255,7 @@ def _no_loading(monkeypatch):
     monkeypatch.setattr(evaluate, "run", fail)
 
 
-def test_out_that_cannot_be_written_fails_first(run_dir, tmp_path, monkeypatch, capsys):
+def test_out_that_cannot_be_written_fails_first(run_dir, tmp_path, monkeypatch, capsys, tiny_train):
     a_file = tmp_path / "file"
     a_file.write_text("x")
 
@@ -286,9 +264,9 @@ def test_out_that_cannot_be_written_fails_first(run_dir, tmp_path, monkeypatch, 
 
     monkeypatch.setattr(train.Trainer, "__init__", no_setup)
     with pytest.raises(SystemExit, match=f"--out {a_file} is a file"):
-        train.main(["--variant", "galip", "--steps", "1", "--out", str(a_file), *TINY])
+        train.main(["--variant", "galip", "--steps", "1", "--out", str(a_file), *tiny_train()])
     with pytest.raises(SystemExit, match="cannot create the run directory"):
-        train.main(["--variant", "galip", "--steps", "1", "--out", str(a_file / "run"), *TINY])
+        train.main(["--variant", "galip", "--steps", "1", "--out", str(a_file / "run"), *tiny_train()])
     _no_loading(monkeypatch)
     with pytest.raises(SystemExit):
         sample.main(["--ckpt", run_dir, "--prompt", "x", "--out", str(a_file / "grid.png")])
@@ -321,39 +299,39 @@ def _write_jpeg(path, color=(200, 30, 30)):
     Image.new("RGB", (32, 32), color).save(path, format="JPEG")
 
 
-def _data_error(cache, tmp_path, data, capsys, *extra):
-    rc = train.main(["--variant", "galip", "--steps", "1", "--data", data, "--out", str(tmp_path / "o"), *TINY,
-                     *extra])
+def _data_error(tiny_train, tmp_path, data, capsys, *extra):
+    rc = train.main(["--variant", "galip", "--steps", "1", "--data", data, "--out", str(tmp_path / "o"),
+                     *tiny_train(), *extra])
     return rc, _one_line(capsys.readouterr().err)
 
 
-def test_data_errors_are_one_line(cache, tmp_path, capsys):
+def test_data_errors_are_one_line(cache, tmp_path, capsys, tiny_train):
     folder = tmp_path / "f"
     folder.mkdir()
     for i in range(3):
         _write_jpeg(folder / f"{i}.jpg")
-    rc, err = _data_error(cache, tmp_path, f"folder:{folder}", capsys)  # images without captions
+    rc, err = _data_error(tiny_train, tmp_path, f"folder:{folder}", capsys)  # images without captions
     assert rc == 2 and "caption file missing" in err and "0.jpg" in err
     for i in range(3):
         (folder / f"{i}.txt").write_text("a red square")
     (folder / "1.txt").write_bytes(b"\xff\xfe bad")  # not UTF-8
-    rc, err = _data_error(cache, tmp_path, f"folder:{folder}", capsys)
+    rc, err = _data_error(tiny_train, tmp_path, f"folder:{folder}", capsys)
     assert rc == 2 and "1.txt" in err and "UTF-8" in err
     (folder / "1.txt").write_text("   ")  # empty caption
-    rc, err = _data_error(cache, tmp_path, f"folder:{folder}", capsys)
+    rc, err = _data_error(tiny_train, tmp_path, f"folder:{folder}", capsys)
     assert rc == 2 and "empty caption" in err and "1.txt" in err
     (folder / "1.txt").write_text("a red square")
-    rc, err = _data_error(cache, tmp_path, f"folder:{folder}", capsys)  # 3 images, batch 4
+    rc, err = _data_error(tiny_train, tmp_path, f"folder:{folder}", capsys)  # 3 images, batch 4
     assert rc == 2 and "no full batch of 4" in err and "--batch-size" in err
     coco = tmp_path / "coco"
     (coco / "annotations").mkdir(parents=True)
     (coco / "train2017").mkdir()
     (coco / "annotations" / "captions_train2017.json").write_text('{"images": [}')
-    rc, err = _data_error(cache, tmp_path, f"coco:{coco}", capsys)
+    rc, err = _data_error(tiny_train, tmp_path, f"coco:{coco}", capsys)
     assert rc == 2 and "captions_train2017.json" in err and "not a valid captions file" in err
 
 
-def test_truncated_webdataset_shard_is_named(cache, tmp_path, capsys):
+def test_truncated_webdataset_shard_is_named(cache, tmp_path, capsys, tiny_train):
     shard = tmp_path / "shard-000.tar"
     with tarfile.open(shard, "w") as tf:
         for i in range(8):
@@ -365,14 +343,14 @@ def test_truncated_webdataset_shard_is_named(cache, tmp_path, capsys):
                 tf.addfile(info, io.BytesIO(data))
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
-    rc, err = _data_error(cache, tmp_path, f"wds:{shard}", capsys)
+    rc, err = _data_error(tiny_train, tmp_path, f"wds:{shard}", capsys)
     assert rc == 2 and str(shard) in err and "truncated" in err
 
 
-def test_resume_with_another_batch_size_is_one_line(run_dir, tmp_path, capsys):
+def test_resume_with_another_batch_size_is_one_line(run_dir, tmp_path, capsys, tiny_train):
     out = _copy_run(run_dir, tmp_path / "bs")
-    args = [a if a != "4" else "3" for a in TINY]  # --batch-size 3
-    assert train.main(["--variant", "galip", "--steps", "3", "--out", out, "--resume", *args]) == 1
+    assert train.main(["--variant", "galip", "--steps", "3", "--out", out, "--resume",
+                       *tiny_train(batch_size=3)]) == 1
     err = capsys.readouterr().err
     line = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert len(line) == 1 and "batch_size=4 in the checkpoint" in line[0] and "--batch-size" in line[0]
@@ -381,7 +359,7 @@ def test_resume_with_another_batch_size_is_one_line(run_dir, tmp_path, capsys):
 # ---- 8. SIGINT behaves like SIGTERM; stale temp files are removed --------------------------------
 
 
-def test_sigint_checkpoints_and_exits_130_and_stale_temp_files_go(cache, tmp_path):
+def test_sigint_checkpoints_and_exits_130_and_stale_temp_files_go(train_env, tmp_path, tiny_train):
     out = tmp_path / "int"
     out.mkdir()
     stale = [out / ".ckpt.pt.tmp-999999", out / ".ckpt-00000007.pt.tmp-4242"]
@@ -389,8 +367,8 @@ def test_sigint_checkpoints_and_exits_130_and_stale_temp_files_go(cache, tmp_pat
         p.write_bytes(b"half a checkpoint")
     p = subprocess.Popen(
         [sys.executable, "-m", "scadfast.train", "--variant", "galip", "--steps", "1000", "--ckpt-every", "1000",
-         "--sample-every", "1000", *TINY[:6], *TINY[8:], "--out", str(out)],
-        env=_env(cache), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+         *tiny_train(sample_every=1000), "--out", str(out)],
+        env=train_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines = []
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -483,7 +461,7 @@ def test_spectral_norm_fp16_large_weights_computed_in_fp32(impl):
     from torch import nn
 
     from scadfast.ops import _impl
-    from scadfast.ops.spectral_norm import spectral_norm
+    from scadfast.ops import spectral_norm
 
     if impl == "triton" and not _impl.triton_runs_on(torch.zeros(1)):
         pytest.skip("Triton cannot run on CPU tensors here")
@@ -540,22 +518,22 @@ def test_undecodable_jpeg_mid_run_is_named_and_skipped(cache, tmp_path):
         assert [i for _, idx in again for i in idx.tolist()] == seen
 
 
-def test_training_survives_an_undecodable_jpeg(cache, tmp_path, recwarn):
+def test_training_survives_an_undecodable_jpeg(cache, tmp_path, recwarn, tiny_train):
     _folder_with_corrupt_jpeg(tmp_path / "f")
     out = str(tmp_path / "r")
     assert train.main(["--variant", "galip", "--steps", "3", "--data", f"folder:{tmp_path / 'f'}",
-                       "--out", out, *TINY]) == 0
+                       "--out", out, *tiny_train()]) == 0
     assert any("5.jpg" in str(w.message) and "cannot be decoded" in str(w.message) for w in recwarn.list)
     assert ckpt_lib.load(out)["data_position"]["skipped"]
 
 
-def test_unidentified_decode_error_stops_cleanly_naming_the_files(cache, tmp_path, monkeypatch, capsys):
+def test_unidentified_decode_error_stops_cleanly_naming_the_files(cache, tmp_path, monkeypatch, capsys, tiny_train):
     from scadfast.data import dali
 
     monkeypatch.setattr(dali, "_pil_decode_error", lambda data: None)  # Pillow "reads" everything
     _folder_with_corrupt_jpeg(tmp_path / "f")
     rc = train.main(["--variant", "galip", "--steps", "3", "--data", f"folder:{tmp_path / 'f'}",
-                     "--out", str(tmp_path / "r"), *TINY])
+                     "--out", str(tmp_path / "r"), *tiny_train()])
     err = capsys.readouterr().err
     line = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert rc == 2 and len(line) == 1 and "DALI failed to decode" in line[0] and ".jpg" in line[0]

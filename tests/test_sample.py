@@ -11,15 +11,10 @@ from scadfast import sample, train
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    cache = str(tmp_path_factory.mktemp("cache"))
-    os.environ["SCADFAST_CACHE"] = cache
+def run_dir(cache, tmp_path_factory, tiny_train):
     out = str(tmp_path_factory.mktemp("run") / "galip")
-    assert train.main(["--variant", "galip", "--steps", "1", "--out", out, "--shapes-n", "16", "--batch-size", "4",
-                       "--ngf", "16", "--ndf", "16", "--device", "cpu", "--sample-prompts", "2",
-                       "--sample-noise", "2", "--eval-every", "0"]) == 0
-    yield out
-    os.environ.pop("SCADFAST_CACHE", None)
+    assert train.main(["--variant", "galip", "--steps", "1", "--out", out, *tiny_train(shapes_n=16)]) == 0
+    return out
 
 
 def test_grid_rows_per_prompt_and_seeds_recorded(run_dir, tmp_path):

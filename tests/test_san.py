@@ -144,14 +144,14 @@ def test_logits_triton(B, D, dtype):
 def test_logits_kernel_tiling():
     """Several programs, a partial last row block and several (masked) D tiles."""
     h, w = _pair(5, 37)
-    f_fun, f_dir, f, stats = san_kernels.san_logits_fwd(h.detach(), w.detach(), block_b=2, block_d=16)
+    f_fun, f_dir, f, stats = san_kernels.san_logits_forward(h.detach(), w.detach(), block_b=2, block_d=16)
     ref = (h * w).sum(1)
     for t in (f_fun, f_dir, f, stats[0]):
         torch.testing.assert_close(t, ref.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(stats[1], (w * w).sum(1).detach(), rtol=1e-5, atol=1e-5)
     g = [torch.randn(5) for _ in range(3)]
-    gh, gw = san_kernels.san_logits_bwd(*g, h.detach(), w.detach(), stats, block_b=2, block_d=16)
-    rgh, rgw = san_mod._logits_bwd_torch(*g, h.detach(), w.detach(), stats)
+    gh, gw = san_kernels.san_logits_backward(*g, h.detach(), w.detach(), stats, block_b=2, block_d=16)
+    rgh, rgw = san_mod._logits_backward_torch(*g, h.detach(), w.detach(), stats)
     torch.testing.assert_close(gh, rgh)
     torch.testing.assert_close(gw, rgw)
 
@@ -184,16 +184,16 @@ def test_loss_kernel_reduction_many_programs():
     hf, wf = _pair(Bf, D)
     fw = torch.rand(Bf) + 0.1
     args = [t.detach() for t in (hr, wr, hf, wf)]
-    loss, sr, sf, ws = san_kernels.san_d_loss_fwd(*args, fw, block_b=1, block_d=16, block_p=4)
+    loss, sr, sf, ws = san_kernels.san_d_loss_forward(*args, fw, block_b=1, block_d=16, block_p=4)
     torch.testing.assert_close(loss, san_d_loss_ref(*args, fw), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ws, fw.sum().reshape(1))
     torch.testing.assert_close(sr[0], (args[0] * args[1]).sum(1), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sf[1], (args[3] * args[3]).sum(1), rtol=1e-5, atol=1e-5)
-    again = san_kernels.san_d_loss_fwd(*args, fw, block_b=1, block_d=16, block_p=4)[0]
+    again = san_kernels.san_d_loss_forward(*args, fw, block_b=1, block_d=16, block_p=4)[0]
     assert torch.equal(loss, again)
     grad = torch.tensor(0.7)
-    got = san_kernels.san_d_loss_bwd(grad, *args, fw, sr, sf, ws, block_b=2, block_d=8)
-    want = san_mod._san_d_loss_bwd_op(grad, *args, fw, sr, sf, ws, False)
+    got = san_kernels.san_d_loss_backward(grad, *args, fw, sr, sf, ws, block_b=2, block_d=8)
+    want = san_mod._san_d_loss_backward_op(grad, *args, fw, sr, sf, ws, "torch")
     for g, r in zip(got, want):
         torch.testing.assert_close(g, r)
 
@@ -377,20 +377,20 @@ def test_compile_fullgraph_no_graph_break():
         torch.testing.assert_close(g, r)
 
 
-@pytest.mark.parametrize("use_triton", [False, pytest.param(True, marks=needs_triton)])
-def test_opcheck(use_triton):
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_opcheck(backend):
     h, w = _pair(3, 10)
     hf, wf = _pair(4, 10)
     fw = torch.rand(4) + 0.1
     tests = ("test_schema", "test_autograd_registration", "test_faketensor")
-    torch.library.opcheck(torch.ops.scadfast.san_logits, (h, w, use_triton), test_utils=tests)
-    torch.library.opcheck(torch.ops.scadfast.san_d_loss, (h, w, hf, wf, fw, use_triton), test_utils=tests)
-    _, _, _, stats = torch.ops.scadfast.san_logits(h, w, use_triton)
+    torch.library.opcheck(torch.ops.scadfast.san_logits, (h, w, backend), test_utils=tests)
+    torch.library.opcheck(torch.ops.scadfast.san_d_loss, (h, w, hf, wf, fw, backend), test_utils=tests)
+    _, _, _, stats = torch.ops.scadfast.san_logits(h, w, backend)
     g = [torch.randn(3) for _ in range(3)]
-    torch.library.opcheck(torch.ops.scadfast.san_logits_backward, (*g, h, w, stats, use_triton), test_utils=tests)
-    _, sr, sf, ws = torch.ops.scadfast.san_d_loss(h, w, hf, wf, fw, use_triton)
+    torch.library.opcheck(torch.ops.scadfast.san_logits_backward, (*g, h, w, stats, backend), test_utils=tests)
+    _, sr, sf, ws = torch.ops.scadfast.san_d_loss(h, w, hf, wf, fw, backend)
     torch.library.opcheck(torch.ops.scadfast.san_d_loss_backward,
-                          (torch.tensor(1.0), h, w, hf, wf, fw, sr, sf, ws, use_triton), test_utils=tests)
+                          (torch.tensor(1.0), h, w, hf, wf, fw, sr, sf, ws, backend), test_utils=tests)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,7 +436,7 @@ def test_bad_inputs_raise():
 def test_nonpositive_weight_sum_is_nan_without_check():
     """Where the sum is not checked (GPU, compile), the fused op poisons the loss with NaN."""
     h, w = torch.randn(3, 8), torch.randn(3, 8)
-    out = torch.ops.scadfast.san_d_loss(h, w, h, w, torch.zeros(3), False)[0]
+    out = torch.ops.scadfast.san_d_loss(h, w, h, w, torch.zeros(3), "torch")[0]
     assert torch.isnan(out)
 
 

@@ -1,4 +1,4 @@
-"""Tests of scadfast.ops.spectral_norm against torch.nn.utils.parametrizations.spectral_norm.
+"""Tests of scadfast.ops.spectral (spectral_norm, power_iteration_*) against torch.nn.utils.parametrizations.spectral_norm.
 
 Runs on CUDA when available (then impl="triton"/"auto" are the real kernel), otherwise on CPU with
 the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
@@ -21,8 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scadfast.ops import power_iteration_, power_iteration_grouped_, spectral_norm, spectral_norm_all
-from scadfast.ops.spectral_norm import SpectralNorm, SpectralNormDimError
+from scadfast.ops import (
+    SpectralNorm, power_iteration_, power_iteration_grouped_, power_iteration_ref, spectral_norm, spectral_norm_all,
+)
+from scadfast.ops import _impl
+from scadfast.ops.spectral import SpectralNormDimError
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TORCH_SN = torch.nn.utils.parametrizations.spectral_norm
@@ -335,11 +338,60 @@ def test_torch_compile_fullgraph(backend):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6)
 
 
-def test_custom_ops_registered_with_fake_impls():
-    w = torch.empty(4, 3, device="meta")
-    u, v = torch.empty(4, device="meta"), torch.empty(3, device="meta")
-    torch.ops.scadfast.power_iteration_(w, u, v, 2, 1e-12, "cpu")
-    torch.ops.scadfast.power_iteration_grouped_([w], [0], [u], [v], 2, 1e-12, "cpu")
+def _power_method_torch(w_mat, u, v, n_iter, eps=1e-12):
+    """torch's own ``_SpectralNorm._power_method`` on copies of u, v: the contract of the reference."""
+    sn = torch.nn.utils.parametrizations._SpectralNorm(w_mat.detach().clone(), n_power_iterations=n_iter, eps=eps)
+    sn._u.copy_(u)
+    sn._v.copy_(v)
+    with torch.no_grad():
+        sn._power_method(w_mat, n_iter)
+    return sn._u, sn._v
+
+
+def test_power_iteration_ref_is_torchs_power_method():
+    w = torch.randn(6, 5, dtype=torch.float64)
+    u0, v0 = F.normalize(torch.randn(6, dtype=torch.float64), dim=0), F.normalize(torch.randn(5, dtype=torch.float64), dim=0)
+    u, v = u0.clone(), v0.clone()
+    power_iteration_ref(w, u, v, 3)
+    tu, tv = _power_method_torch(w, u0, v0, 3)
+    assert torch.equal(u, tu) and torch.equal(v, tv)
+    assert not torch.equal(u, u0)  # it did iterate
+    # the leading singular vectors after enough iterations
+    power_iteration_ref(w, u, v, 200)
+    U, S, Vh = torch.linalg.svd(w)
+    torch.testing.assert_close(torch.dot(u, w @ v), S[0])
+
+
+BACKENDS = ["torch"] + (["triton"] if _impl.triton_runs_on(torch.zeros(1, device=DEV)) else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_custom_ops_compute_the_power_iteration_and_pass_opcheck(backend):
+    torch.manual_seed(3)
+    w = torch.randn(7, 5, device=DEV)
+    w2 = torch.randn(4, 3, 2, device=DEV)  # grouped: a 3-D weight with dim=1 (as a ConvTranspose)
+    u0, v0 = F.normalize(torch.randn(7, device=DEV), dim=0), F.normalize(torch.randn(5, device=DEV), dim=0)
+    u2, v2 = F.normalize(torch.randn(3, device=DEV), dim=0), F.normalize(torch.randn(8, device=DEV), dim=0)
+    want_u, want_v = u0.clone(), v0.clone()
+    power_iteration_ref(w, want_u, want_v, 2)
+    w2_mat = w2.permute(1, 0, 2).flatten(1)
+    want_u2, want_v2 = u2.clone(), v2.clone()
+    power_iteration_ref(w2_mat, want_u2, want_v2, 2)
+    tol = dict(rtol=0, atol=0) if backend == "torch" else dict(rtol=1e-5, atol=1e-6)
+
+    u, v = u0.clone(), v0.clone()
+    assert torch.ops.scadfast.power_iteration_(w, u, v, 2, 1e-12, backend) is None
+    torch.testing.assert_close(u, want_u, **tol)
+    torch.testing.assert_close(v, want_v, **tol)
+    us, vs = [u0.clone(), u2.clone()], [v0.clone(), v2.clone()]
+    torch.ops.scadfast.power_iteration_grouped_([w, w2], [0, 1], us, vs, 2, 1e-12, backend)
+    for got, want in zip(us + vs, [want_u, want_u2, want_v, want_v2]):
+        torch.testing.assert_close(got, want, **tol)
+
+    # schema (declared mutations), fake implementation, and tracing by AOT autograd
+    torch.library.opcheck(torch.ops.scadfast.power_iteration_.default, (w, u0.clone(), v0.clone(), 2, 1e-12, backend))
+    torch.library.opcheck(torch.ops.scadfast.power_iteration_grouped_.default,
+                          ([w, w2], [0, 1], [u0.clone(), u2.clone()], [v0.clone(), v2.clone()], 2, 1e-12, backend))
 
 
 def test_bad_inputs_raise():

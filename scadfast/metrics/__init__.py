@@ -1,4 +1,5 @@
-"""Evaluation metrics (SPEC §9): FID, CLIP score, PPD/mPPD and the shapes ground-truth metrics.
+"""Evaluation metrics (SPEC §9): FID, KID, precision/recall, CLIP score, PPD/mPPD and the shapes
+ground-truth metrics; :mod:`.reference` is the real set (and its captions) they compare with.
 
 All metrics stream images batch by batch (nothing holds all images) and run batched on the GPU when
 there is one. ``python -m scadfast.evaluate`` is the command-line front end.
@@ -10,4 +11,4 @@ from .features import RunningMoments, iter_generated, iter_image_files, list_ima
 from .fid import frechet_distance  # noqa: F401
 
 __all__ = ["RunningMoments", "iter_generated", "iter_image_files", "list_image_files", "frechet_distance",
-           "fid", "clip_score", "ppd", "shapes_truth", "features"]
+           "fid", "kid", "reference", "clip_score", "ppd", "shapes_truth", "features"]

@@ -3,7 +3,8 @@
 Every metric consumes images **batch by batch** — never a list of all images — as float tensors in
 [-1, 1], shape (B, 3, H, W). Sources:
 
-* :func:`iter_image_files` — image files on disk (a shapes set, a folder), decoded with PIL;
+* :func:`iter_image_files` / :func:`iter_images` — image files on disk (a shapes set, a folder) or encoded
+  bytes (webdataset members), decoded with PIL and optionally resized by :data:`REFERENCE_RESIZE`;
 * :func:`iter_generated` — a trained generator (``Loaded`` from :mod:`scadfast.pretrained`) on a list
   of prompts, with reproducible per-image noise.
 
@@ -21,8 +22,8 @@ from typing import Callable, Iterable, Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["ProgressLine", "RunningMoments", "iter_image_files", "list_image_files", "iter_generated",
-           "default_device", "IMAGE_EXTENSIONS"]
+__all__ = ["ProgressLine", "RunningMoments", "iter_images", "iter_image_files", "list_image_files", "iter_generated",
+           "decode_rgb", "default_device", "IMAGE_EXTENSIONS", "REFERENCE_RESIZE"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -109,28 +110,46 @@ def list_image_files(path: str) -> List[str]:
     return sorted(out)
 
 
-def iter_image_files(files: Sequence[str], batch_size: int = 64, size: Optional[int] = None) -> Iterator[torch.Tensor]:
-    """Decode ``files`` in batches → float (B, 3, H, W) in [-1, 1] (RGB).
+#: The one resize applied to real images for FID/KID/precision-recall (documented in the README).
+REFERENCE_RESIZE = ("PIL bicubic (antialiased, the filter clean-fid uses) of the whole RGB image to size×size "
+                    "(aspect ratio not kept, no crop), 8-bit result")
 
-    Images of one batch must share a size unless ``size`` is given (then each is resized to
-    ``size``×``size`` with PIL bicubic).
-    """
+
+def decode_rgb(item, size: Optional[int] = None) -> np.ndarray:
+    """A file path or encoded bytes → (H, W, 3) uint8 RGB, resized by :data:`REFERENCE_RESIZE` if ``size``."""
+    import io
+
     from PIL import Image
 
+    with Image.open(io.BytesIO(item) if isinstance(item, (bytes, bytearray)) else item) as im:
+        im = im.convert("RGB")
+        if size is not None and im.size != (size, size):
+            im = im.resize((size, size), Image.BICUBIC)
+        return np.asarray(im)
+
+
+def iter_images(read: Callable[[int], object], n: int, batch_size: int = 64,
+                size: Optional[int] = None) -> Iterator[torch.Tensor]:
+    """Decode items ``read(0) .. read(n-1)`` (paths or encoded bytes) in batches → float (B, 3, H, W) in [-1, 1].
+
+    Images of one batch must share a size unless ``size`` is given (then each is resized to
+    ``size``×``size`` by :data:`REFERENCE_RESIZE`).
+    """
     if batch_size < 1:
-        raise ValueError(f"iter_image_files: batch_size must be >= 1, got {batch_size}")
-    for i in range(0, len(files), batch_size):
-        arrs = []
-        for f in files[i:i + batch_size]:
-            im = Image.open(f).convert("RGB")
-            if size is not None and im.size != (size, size):
-                im = im.resize((size, size), Image.BICUBIC)
-            arrs.append(np.asarray(im))
+        raise ValueError(f"iter_images: batch_size must be >= 1, got {batch_size}")
+    for i in range(0, n, batch_size):
+        arrs = [decode_rgb(read(j), size) for j in range(i, min(i + batch_size, n))]
         shapes = {a.shape for a in arrs}
         if len(shapes) > 1:
-            raise ValueError(f"iter_image_files: images of different sizes {sorted(shapes)} in one batch; pass size=")
+            raise ValueError(f"real images of different sizes {sorted(shapes)[:3]} in one batch: give a resize "
+                             "size (evaluate --ref-size N)")
         x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float()
         yield x / 127.5 - 1.0
+
+
+def iter_image_files(files: Sequence[str], batch_size: int = 64, size: Optional[int] = None) -> Iterator[torch.Tensor]:
+    """Decode ``files`` in batches → float (B, 3, H, W) in [-1, 1] (RGB); see :func:`iter_images`."""
+    return iter_images(files.__getitem__, len(files), batch_size, size)
 
 
 def iter_generated(loaded, prompts: Sequence[str], n_per_prompt: int, seed: int = 0,

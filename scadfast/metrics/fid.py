@@ -11,7 +11,9 @@ Images enter as float tensors in [-1, 1]; they are quantised to uint8 (as if sav
 torch-fidelity resizes them to 299 px with its TF1-compatible bilinear filter.
 
 Reference statistics of real data are cached as ``<cache>/fid_stats/<key>.npz`` where the key
-hashes the extractor identity (weights hash) and the list of files (paths, sizes, mtimes).
+hashes the extractor identity (weights hash), the resize and the list of images (paths, sizes,
+mtimes); :func:`save_stats` / :func:`load_stats` read and write the same ``.npz`` layout, which
+also accepts published statistics holding only ``mu`` and ``sigma`` (pytorch-fid, DF-GAN, GALIP).
 
 The matrix square root uses a symmetric eigen-formulation (no scipy needed):
 tr (Σ_1 Σ_2)^{1/2} = Σ_i sqrt(λ_i(A Σ_2 A)) with A = Σ_1^{1/2} from ``eigh`` — A Σ_2 A is symmetric
@@ -23,16 +25,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from .features import ProgressLine, RunningMoments, default_device, iter_image_files
+from .features import REFERENCE_RESIZE, ProgressLine, RunningMoments, default_device
 
 __all__ = ["INCEPTION_FILE", "INCEPTION_URL", "INCEPTION_SHA256_PREFIX", "InceptionWeightsMissing",
-           "frechet_distance", "find_inception_weights", "InceptionFeatures", "feature_stats",
-           "reference_stats", "compute_fid"]
+           "frechet_distance", "find_inception_weights", "InceptionFeatures", "FeatureSet", "collect_features",
+           "feature_stats", "save_stats", "load_stats", "reference_features", "reference_stats", "compute_fid"]
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE
@@ -128,50 +131,111 @@ class InceptionFeatures:
         return feats.float()
 
 
+@dataclass
+class FeatureSet:
+    """Feature statistics of an image set: mean ``mu`` (D,), covariance ``sigma`` (D, D), count ``n``;
+    ``features`` (n, D) float32 only when KID / precision-recall need them; ``meta`` what produced them."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    n: int
+    features: Optional[np.ndarray] = None
+    meta: dict = field(default_factory=dict)
+
+
+def collect_features(batches: Iterable[torch.Tensor], extractor, total: Optional[int] = None, what: str = "fid",
+                     progress: bool = True, keep: bool = False) -> FeatureSet:
+    """Stream image batches through ``extractor``: moments always, the features themselves if ``keep``."""
+    mom = RunningMoments(extractor.dim)
+    kept = []
+    bar = ProgressLine(what, total, enabled=progress)
+    for x in batches:
+        f = extractor(x)
+        mom.update(f)
+        if keep:
+            kept.append(f.detach().float().cpu().numpy())
+        bar.update(len(x))
+    return FeatureSet(mom.mean(), mom.cov(), mom.n, np.concatenate(kept) if keep else None)
+
+
 def feature_stats(batches: Iterable[torch.Tensor], extractor, total: Optional[int] = None,
                   what: str = "fid", progress: bool = True) -> Tuple[np.ndarray, np.ndarray, int]:
     """Stream image batches through ``extractor`` → (mu (D,), sigma (D, D), number of images)."""
-    mom = RunningMoments(extractor.dim)
-    bar = ProgressLine(what, total, enabled=progress)
-    for x in batches:
-        mom.update(extractor(x))
-        bar.update(len(x))
-    return mom.mean(), mom.cov(), mom.n
+    fs = collect_features(batches, extractor, total, what, progress)
+    return fs.mu, fs.sigma, fs.n
 
 
-def _files_key(files: Sequence[str], extractor_id: str, size: Optional[int]) -> str:
-    h = hashlib.sha1()
-    h.update(json.dumps({"extractor": extractor_id, "size": size, "n": len(files)}).encode())
-    for f in files:
-        st = os.stat(f)
-        h.update(f"{os.path.abspath(f)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:20]
+def save_stats(path: str, fs: FeatureSet) -> str:
+    """Write ``fs`` as ``.npz`` (atomically): ``mu``, ``sigma`` (the keys pytorch-fid, DF-GAN and GALIP
+    use), ``n``, ``meta`` (JSON: extractor, resize, source) and ``features`` when present."""
+    arrays = {"mu": fs.mu, "sigma": fs.sigma, "n": np.int64(fs.n), "meta": np.array(json.dumps(fs.meta))}
+    if fs.features is not None:
+        arrays["features"] = fs.features.astype(np.float32)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+    return path
+
+
+def load_stats(path: str, dim: int, extractor_id: Optional[str] = None) -> FeatureSet:
+    """Reference statistics from ``.npz``: ours (:func:`save_stats`) or a published one with ``mu`` and
+    ``sigma`` only (pytorch-fid / DF-GAN / GALIP). Raises ``ValueError`` naming the problem when the
+    file lacks them, their shapes are not ``dim``, or it records a different extractor."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"reference statistics {path}: file not found")
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"reference statistics {path}: not a readable .npz ({e})") from None
+    with z:
+        if "mu" not in z or "sigma" not in z:
+            raise ValueError(f"reference statistics {path}: needs arrays 'mu' and 'sigma', has {sorted(z.files)}")
+        mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
+        meta = json.loads(str(z["meta"])) if "meta" in z else {}
+        n = int(z["n"]) if "n" in z else None
+        feats = z["features"] if "features" in z else None
+    if mu.shape != (dim,) or sigma.shape != (dim, dim):
+        raise ValueError(f"reference statistics {path}: mu {mu.shape} / sigma {sigma.shape} do not match the "
+                         f"{dim}-d features of the extractor")
+    if extractor_id and meta.get("extractor") and meta["extractor"] != extractor_id:
+        raise ValueError(f"reference statistics {path} were computed with {meta['extractor']}, not {extractor_id}")
+    if feats is not None and feats.shape[1:] != (dim,):
+        raise ValueError(f"reference statistics {path}: features {feats.shape} are not {dim}-d")
+    meta.setdefault("stats_file", os.path.abspath(path))
+    return FeatureSet(mu, sigma, n if n is not None else -1, feats, meta)
+
+
+def reference_features(ref, extractor, cache_dir: Optional[str] = None, batch_size: int = 64,
+                       size: Optional[int] = None, progress: bool = True, keep: bool = False) -> FeatureSet:
+    """Statistics (and, if ``keep``, features) of a :class:`scadfast.metrics.reference.Reference`, cached
+    as ``cache_dir/fid_stats/<key>.npz``; the key covers the extractor id, the resize ``size`` and every
+    image's identity (path, size, mtime), so changed data or a different extractor never reuse stale
+    statistics. A cached file without features is recomputed when ``keep`` asks for them."""
+    path = None
+    if cache_dir is not None:
+        path = os.path.join(cache_dir, "fid_stats", ref.key(extractor.id, size) + ".npz")
+        if os.path.isfile(path):
+            fs = load_stats(path, extractor.dim, extractor.id)
+            if fs.meta.get("extractor") == extractor.id and (fs.features is not None or not keep):
+                return fs
+    fs = collect_features(ref.iter_batches(batch_size, size), extractor, ref.n, what="fid: real",
+                          progress=progress, keep=keep)
+    fs.meta = {"extractor": extractor.id, "source": ref.source,
+               "resize": f"{REFERENCE_RESIZE}, {size} px" if size else "none (images used at their size)"}
+    if path is not None:
+        save_stats(path, fs)
+    return fs
 
 
 def reference_stats(files: Sequence[str], extractor, cache_dir: Optional[str] = None, batch_size: int = 64,
                     size: Optional[int] = None, progress: bool = True) -> Tuple[np.ndarray, np.ndarray, int]:
-    """(mu, sigma, n) of real image ``files`` under ``extractor``, cached under ``cache_dir/fid_stats``.
+    """(mu, sigma, n) of real image ``files`` under ``extractor``, cached (see :func:`reference_features`)."""
+    from .reference import files_reference
 
-    The cache key covers the extractor id, the optional resize ``size`` and every file's path, size
-    and mtime, so changed data or a different extractor never reuse stale statistics.
-    """
-    if not files:
-        raise ValueError("reference_stats: no real image files")
-    path = None
-    if cache_dir is not None:
-        path = os.path.join(cache_dir, "fid_stats", _files_key(files, extractor.id, size) + ".npz")
-        if os.path.isfile(path):
-            with np.load(path) as z:
-                if str(z["extractor"]) == extractor.id:
-                    return z["mu"], z["sigma"], int(z["n"])
-    mu, sigma, n = feature_stats(iter_image_files(files, batch_size, size), extractor, len(files),
-                                 what="fid: real", progress=progress)
-    if path is not None:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}.npz"
-        np.savez(tmp, mu=mu, sigma=sigma, n=n, extractor=extractor.id)
-        os.replace(tmp, path)
-    return mu, sigma, n
+    fs = reference_features(files_reference(list(files), "real image files"), extractor, cache_dir, batch_size,
+                            size, progress)
+    return fs.mu, fs.sigma, fs.n
 
 
 def compute_fid(real_files: Sequence[str], fake_batches: Iterable[torch.Tensor], *, n_fake: Optional[int] = None,

@@ -36,8 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import patch_hinge_loss, san_d_loss, san_logits
-from ..ops.spectral_norm import SpectralNorm
+from ..ops import SpectralNorm, patch_hinge_loss, san_d_loss, san_logits
+from ..ops._impl import acc_dtype
 from .augment import augment, check_policy
 from .discriminator import GALIPDiscriminator, mi_loss
 from .generator import CLIPAidedGenerator, SharedRef
@@ -142,7 +142,7 @@ class GALIPFamily(nn.Module):
 
     def ma_gp(self, f_real: torch.Tensor, feats_real: torch.Tensor, s_real: torch.Tensor) -> torch.Tensor:
         """MA-GP (§5.5) of the real logits w.r.t. the CLIP features and the sentence embedding."""
-        acc = torch.float64 if f_real.dtype == torch.float64 else torch.float32  # fp32 for half types
+        acc = acc_dtype(f_real.dtype)  # fp32 for half types
         gf, gs = torch.autograd.grad(f_real.to(acc).sum(), (feats_real, s_real), create_graph=True)
         sq = gf.to(acc).flatten(1).square().sum(1) + gs.to(acc).flatten(1).square().sum(1)
         return self.cfg.gp_weight * sq.pow(self.cfg.gp_power / 2).mean()

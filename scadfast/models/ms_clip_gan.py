@@ -84,7 +84,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from scadfast.ops import CondAug, cond_aug, patch_hinge_loss, spectral_norm
-from scadfast.ops._impl import check_tensor, warn_once
+from scadfast.ops._impl import acc_dtype, check_tensor, warn_once
 
 __all__ = [
     "MSCLIPGAN", "MSGenerator", "MSDiscriminator", "StageDiscriminator", "build_ms_clip_gan",
@@ -129,7 +129,7 @@ def alignment_loss(img_n: torch.Tensor, s_n: torch.Tensor, temperature: float) -
     ``logits = img_n @ s_nᵀ / temperature``; the target of row i (and of column i) is uniform over the
     captions identical to caption i (itself included). Returns a scalar in fp32 (fp64 for fp64 inputs).
     """
-    acc = torch.float64 if img_n.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(img_n.dtype)
     logits = img_n.to(acc) @ s_n.to(acc).t() / temperature
     same = _same_caption(s_n).to(acc)
     target = same / same.sum(1, keepdim=True)  # symmetric matrix, rows sum to 1

@@ -1,4 +1,4 @@
-"""Hinge loss over any logit shape (PatchGAN maps, per-patch or per-sample logits): SPEC §5.2 / §5.4.
+"""Hinge loss over any logit shape (PatchGAN maps, per-patch or per-sample logits): docs/design.md §5.2 / §5.4.
 
     loss = mean(relu(1 - x))   real logits
     loss = mean(relu(1 + x))   fake logits
@@ -16,13 +16,13 @@ Paths (``impl``, see :mod:`scadfast.ops._impl`):
 ``"triton"`` the kernels in :mod:`scadfast.kernels.patch_hinge`: forward is one pass over the data
              (one launch for small inputs, else per-program partials plus a one-program
              deterministic finishing reduce — no atomics), backward is one pass, one launch.
-``"auto"``   Triton on CUDA; on CPU the fused CPU path: the same custom ops with a hand-written
+``"auto"``   Triton on CUDA; on CPU the same custom ops with backend ``"torch"``: a hand-written
              torch forward and backward (no autograd graph of intermediates is kept).
 
-The fused paths are the custom ops ``scadfast::patch_hinge_fwd`` (returns the loss and ``Σ w``, saved
-for backward) and ``scadfast::patch_hinge_bwd`` (the gradient, contiguous, in the logits' dtype),
-with fake implementations for ``torch.compile`` and registered autograd. ``patch_hinge_bwd`` has its
-own autograd formula (the gradient is linear in the incoming gradient and piecewise constant in the
+The fused paths are the custom ops ``scadfast::patch_hinge_loss`` (returns the loss and ``Σ w``, saved
+for backward) and ``scadfast::patch_hinge_loss_backward`` (the gradient, contiguous, in the logits'
+dtype), with fake implementations for ``torch.compile`` and registered autograd. The backward op has
+its own autograd formula (the gradient is linear in the incoming gradient and piecewise constant in the
 logits), so double backward — ``gradgradcheck``, gradient penalties through the loss — works.
 
 Dtypes: fp16/bf16/fp32/fp64 logits; accumulation and the loss are fp32 (fp64 for fp64 logits); the
@@ -36,201 +36,16 @@ from typing import Optional
 
 import torch
 
-from ._impl import acc_dtype, check_same_device, check_tensor, resolve_impl
+from ._impl import acc_dtype, check_same_device, check_tensor, kernels, resolve_impl
+
+__all__ = ["patch_hinge_loss", "patch_hinge_loss_ref"]
 
 _OP = "patch_hinge_loss"
-
-
-def patch_hinge_loss_ref(logits: torch.Tensor, real: bool, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """``mean(relu(1 - x))`` for real, ``mean(relu(1 + x))`` for fake; fp32 result for half inputs.
-
-    ``weight`` (broadcastable to ``logits``) turns the mean into ``Σ w·l / Σ w`` over the broadcast shape;
-    it is treated as a constant (detached).
-    """
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    x = logits.to(acc)
-    l = torch.relu(1 - x) if real else torch.relu(1 + x)
-    if weight is None:
-        return l.mean()
-    w = weight.detach().to(acc).expand_as(x)
-    return (l * w).sum() / w.sum()
+_FUSED = ("triton",)
 
 
 # ---------------------------------------------------------------------------------------------
-# Fused CPU path: hand-written forward / backward in torch (same math as the kernels).
-
-
-def _cpu_forward(x: torch.Tensor, w: torch.Tensor | None, real: bool):
-    acc = acc_dtype(x.dtype)
-    xa = x.to(acc)
-    l = torch.relu(1 - xa) if real else torch.relu(1 + xa)
-    n = x.numel()
-    if w is None:
-        return l.mean(), l.new_full((), float(n))
-    wa = w.to(acc)
-    # Broadcasting repeats every weight element numel(x) / numel(w) times.
-    denom = wa.sum() * (n // w.numel())
-    return (l * wa).sum() / denom, denom
-
-
-def _cpu_backward(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None, denom: torch.Tensor, real: bool):
-    # relu(1 - x) is active where -x > -1, relu(1 + x) where x > -1 (exactly the same sets as
-    # 1 ∓ x > 0 in floating point). threshold_backward zeroes where its input is <= the threshold, so
-    # NaN logits pass the gradient on as in autograd through relu, and it is one vectorised pass.
-    acc = acc_dtype(x.dtype)
-    xa = x.to(acc)
-    coef = g.to(acc) / denom.to(acc)
-    if w is not None:
-        coef = coef * w.to(acc)
-    if real:
-        coef, xa = -coef, torch.neg(xa)
-    gx = torch.ops.aten.threshold_backward(coef.expand(x.shape), xa, -1.0)
-    return gx.to(x.dtype).contiguous()
-
-
-def _coef(x: torch.Tensor, w: torch.Tensor | None, denom: torch.Tensor, real: bool) -> torch.Tensor:
-    """∂loss/∂x per element for a unit incoming gradient (plain torch, in the accumulation dtype)."""
-    xa = x.detach().to(acc_dtype(x.dtype))
-    inactive = (1 - xa <= 0) if real else (1 + xa <= 0)
-    c = (-1.0 if real else 1.0) / denom.detach().to(xa.dtype)
-    if w is not None:
-        c = c * w.detach().to(xa.dtype)
-    return torch.where(inactive, 0.0, c)
-
-
-def _kernels():
-    from scadfast.kernels import patch_hinge as k
-
-    return k
-
-
-# ---------------------------------------------------------------------------------------------
-# Custom ops
-
-
-def _forward_impl(logits, weight, real: bool, backend: str):
-    if backend == "triton":
-        return _kernels().hinge_forward(logits, weight, real)
-    if backend == "cpu":
-        return _cpu_forward(logits, weight, real)
-    raise ValueError(f"scadfast::patch_hinge_fwd: unknown backend {backend!r}")
-
-
-def _backward_impl(grad, logits, weight, denom, real: bool, backend: str):
-    if backend == "triton":
-        return _kernels().hinge_backward(grad, denom, logits, weight, real)
-    if backend == "cpu":
-        return _cpu_backward(grad, logits, weight, denom, real)
-    raise ValueError(f"scadfast::patch_hinge_bwd: unknown backend {backend!r}")
-
-
-@torch.library.custom_op("scadfast::patch_hinge_fwd", mutates_args=())
-def _fwd_op(logits: torch.Tensor, weight: Optional[torch.Tensor], real: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, Σw) as 0-dim tensors in the accumulation dtype; ``backend`` is "triton" or "cpu"."""
-    return _forward_impl(logits, weight, real, backend)
-
-
-@_fwd_op.register_fake
-def _(logits, weight, real, backend):
-    acc = acc_dtype(logits.dtype)
-    return logits.new_empty((), dtype=acc), logits.new_empty((), dtype=acc)
-
-
-@torch.library.custom_op("scadfast::patch_hinge_bwd", mutates_args=())
-def _bwd_op(
-    grad: torch.Tensor, logits: torch.Tensor, weight: Optional[torch.Tensor], denom: torch.Tensor, real: bool, backend: str
-) -> torch.Tensor:
-    """∂loss/∂logits (contiguous, logits' dtype) for the 0-dim incoming gradient ``grad``."""
-    return _backward_impl(grad, logits, weight, denom, real, backend)
-
-
-@_bwd_op.register_fake
-def _(grad, logits, weight, denom, real, backend):
-    return logits.new_empty(logits.shape)
-
-
-def _fwd_setup(ctx, inputs, output):
-    logits, weight, real, backend = inputs
-    ctx.real, ctx.backend = real, backend
-    ctx.save_for_backward(logits, weight, output[1])
-    ctx.mark_non_differentiable(output[1])
-
-
-def _fwd_backward(ctx, grad_loss, grad_denom):
-    logits, weight, denom = ctx.saved_tensors
-    if grad_loss is None or not ctx.needs_input_grad[0]:
-        return None, None, None, None
-    grad_x = torch.ops.scadfast.patch_hinge_bwd(grad_loss, logits, weight, denom, ctx.real, ctx.backend)
-    return grad_x, None, None, None
-
-
-_fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup)
-
-
-def _bwd_setup(ctx, inputs, output):
-    grad, logits, weight, denom, real, backend = inputs
-    ctx.real = real
-    ctx.grad_dtype = grad.dtype
-    ctx.save_for_backward(logits, weight, denom)
-
-
-def _bwd_backward(ctx, gg):
-    # grad_x = grad · c(x) with c piecewise constant in x: ∂/∂grad = Σ gg·c(x), ∂/∂x = 0 almost
-    # everywhere; weight and Σw are constants. Plain torch, so this is differentiable again.
-    logits, weight, denom = ctx.saved_tensors
-    if gg is None or not ctx.needs_input_grad[0]:
-        return None, None, None, None, None, None
-    c = _coef(logits, weight, denom, ctx.real)
-    g_grad = (gg.to(c.dtype) * c).sum().to(ctx.grad_dtype)
-    return g_grad, None, None, None, None, None
-
-
-_bwd_op.register_autograd(_bwd_backward, setup_context=_bwd_setup)
-
-
-# ---------------------------------------------------------------------------------------------
-# Eager entry point
-#
-# A ``torch.library.custom_op`` call costs tens of microseconds of Python dispatch in eager mode
-# (more than the kernels themselves at PatchGAN sizes). Outside of tracing, with plain tensors and no
-# dispatch/function mode active, the public function therefore enters the same forward/backward
-# implementations through a ``torch.autograd.Function``; everything else (torch.compile, export,
-# fake/meta tensors, tensor subclasses, modes) goes through the custom ops. A double backward
-# (``create_graph=True``) goes through ``scadfast::patch_hinge_bwd`` and its registered formula.
-
-
-class _PatchHingeFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, weight, real, backend):
-        loss, denom = _forward_impl(logits, weight, real, backend)
-        ctx.real, ctx.backend = real, backend
-        ctx.save_for_backward(logits, weight, denom)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        logits, weight, denom = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: keep the gradient differentiable
-            grad_x = torch.ops.scadfast.patch_hinge_bwd(grad_loss, logits, weight, denom, ctx.real, ctx.backend)
-        else:
-            grad_x = _backward_impl(grad_loss, logits, weight, denom, ctx.real, ctx.backend)
-        return grad_x, None, None, None
-
-
-def _eager_fast_path_ok(logits, weight) -> bool:
-    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
-        return False
-    if type(logits) is not torch.Tensor or (weight is not None and type(weight) is not torch.Tensor):
-        return False
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-    return _get_current_dispatch_mode() is None
-
-
-# ---------------------------------------------------------------------------------------------
-# Public API
+# Validation
 
 
 def _validate(logits, real, weight) -> None:
@@ -263,6 +78,144 @@ def _validate(logits, real, weight) -> None:
             raise ValueError(f"{_OP}: weight must be non-negative, got a minimum of {float(w.min())}")
 
 
+# ---------------------------------------------------------------------------------------------
+# Reference
+
+
+def patch_hinge_loss_ref(logits: torch.Tensor, real: bool, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``mean(relu(1 - x))`` for real, ``mean(relu(1 + x))`` for fake; fp32 result for half inputs.
+
+    ``weight`` (broadcastable to ``logits``) turns the mean into ``Σ w·l / Σ w`` over the broadcast shape;
+    it is treated as a constant (detached).
+    """
+    acc = acc_dtype(logits.dtype)
+    x = logits.to(acc)
+    l = torch.relu(1 - x) if real else torch.relu(1 + x)
+    if weight is None:
+        return l.mean()
+    w = weight.detach().to(acc).expand_as(x)
+    return (l * w).sum() / w.sum()
+
+
+# ---------------------------------------------------------------------------------------------
+# The op's math in PyTorch (backend "torch"): hand-written forward / backward (the kernels' math).
+
+
+def _forward_torch(x: torch.Tensor, w: torch.Tensor | None, real: bool):
+    acc = acc_dtype(x.dtype)
+    xa = x.to(acc)
+    l = torch.relu(1 - xa) if real else torch.relu(1 + xa)
+    n = x.numel()
+    if w is None:
+        return l.mean(), l.new_full((), float(n))
+    wa = w.to(acc)
+    # Broadcasting repeats every weight element numel(x) / numel(w) times.
+    denom = wa.sum() * (n // w.numel())
+    return (l * wa).sum() / denom, denom
+
+
+def _backward_torch(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None, denom: torch.Tensor, real: bool):
+    # relu(1 - x) is active where -x > -1, relu(1 + x) where x > -1 (exactly the same sets as
+    # 1 ∓ x > 0 in floating point). threshold_backward zeroes where its input is <= the threshold, so
+    # NaN logits pass the gradient on as in autograd through relu, and it is one vectorised pass.
+    acc = acc_dtype(x.dtype)
+    xa = x.to(acc)
+    coef = g.to(acc) / denom.to(acc)
+    if w is not None:
+        coef = coef * w.to(acc)
+    if real:
+        coef, xa = -coef, torch.neg(xa)
+    gx = torch.ops.aten.threshold_backward(coef.expand(x.shape), xa, -1.0)
+    return gx.to(x.dtype).contiguous()
+
+
+def _coef(x: torch.Tensor, w: torch.Tensor | None, denom: torch.Tensor, real: bool) -> torch.Tensor:
+    """∂loss/∂x per element for a unit incoming gradient (plain torch, in the accumulation dtype)."""
+    xa = x.detach().to(acc_dtype(x.dtype))
+    inactive = (1 - xa <= 0) if real else (1 + xa <= 0)
+    c = (-1.0 if real else 1.0) / denom.detach().to(xa.dtype)
+    if w is not None:
+        c = c * w.detach().to(xa.dtype)
+    return torch.where(inactive, 0.0, c)
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops
+
+
+@torch.library.custom_op("scadfast::patch_hinge_loss", mutates_args=())
+def _patch_hinge_loss_op(logits: torch.Tensor, weight: Optional[torch.Tensor], real: bool,
+                         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, Σw) as 0-dim tensors in the accumulation dtype; ``backend`` is "triton" or "torch"."""
+    if backend == "triton":
+        return kernels("patch_hinge").patch_hinge_forward(logits, weight, real)
+    return _forward_torch(logits, weight, real)
+
+
+@_patch_hinge_loss_op.register_fake
+def _patch_hinge_loss_fake(logits, weight, real, backend):
+    acc = acc_dtype(logits.dtype)
+    return logits.new_empty((), dtype=acc), logits.new_empty((), dtype=acc)
+
+
+@torch.library.custom_op("scadfast::patch_hinge_loss_backward", mutates_args=())
+def _patch_hinge_loss_backward_op(grad: torch.Tensor, logits: torch.Tensor, weight: Optional[torch.Tensor],
+                                  denom: torch.Tensor, real: bool, backend: str) -> torch.Tensor:
+    """∂loss/∂logits (contiguous, logits' dtype) for the 0-dim incoming gradient ``grad``."""
+    if backend == "triton":
+        return kernels("patch_hinge").patch_hinge_backward(grad, denom, logits, weight, real)
+    return _backward_torch(grad, logits, weight, denom, real)
+
+
+@_patch_hinge_loss_backward_op.register_fake
+def _patch_hinge_loss_backward_fake(grad, logits, weight, denom, real, backend):
+    return logits.new_empty(logits.shape)
+
+
+def _patch_hinge_loss_setup_context(ctx, inputs, output):
+    logits, weight, real, backend = inputs
+    ctx.real, ctx.backend = real, backend
+    ctx.save_for_backward(logits, weight, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _patch_hinge_loss_vjp(ctx, grad_loss, grad_denom):
+    logits, weight, denom = ctx.saved_tensors
+    if grad_loss is None or not ctx.needs_input_grad[0]:
+        return None, None, None, None
+    grad_x = _patch_hinge_loss_backward_op(grad_loss, logits, weight, denom, ctx.real, ctx.backend)
+    return grad_x, None, None, None
+
+
+_patch_hinge_loss_op.register_autograd(_patch_hinge_loss_vjp, setup_context=_patch_hinge_loss_setup_context)
+
+
+def _patch_hinge_loss_backward_setup_context(ctx, inputs, output):
+    grad, logits, weight, denom, real, backend = inputs
+    ctx.real = real
+    ctx.grad_dtype = grad.dtype
+    ctx.save_for_backward(logits, weight, denom)
+
+
+def _patch_hinge_loss_backward_vjp(ctx, gg):
+    # grad_x = grad · c(x) with c piecewise constant in x: ∂/∂grad = Σ gg·c(x), ∂/∂x = 0 almost
+    # everywhere; weight and Σw are constants. Plain torch, so this is differentiable again.
+    logits, weight, denom = ctx.saved_tensors
+    if gg is None or not ctx.needs_input_grad[0]:
+        return None, None, None, None, None, None
+    c = _coef(logits, weight, denom, ctx.real)
+    g_grad = (gg.to(c.dtype) * c).sum().to(ctx.grad_dtype)
+    return g_grad, None, None, None, None, None
+
+
+_patch_hinge_loss_backward_op.register_autograd(_patch_hinge_loss_backward_vjp,
+                                                setup_context=_patch_hinge_loss_backward_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+
+
 def patch_hinge_loss(
     logits: torch.Tensor, real: bool, weight: torch.Tensor | None = None, impl: str = "auto"
 ) -> torch.Tensor:
@@ -288,12 +241,10 @@ def patch_hinge_loss(
         RuntimeError: ``impl="triton"`` where Triton cannot run.
     """
     _validate(logits, real, weight)
-    path = resolve_impl(impl, _OP, logits, fused=("triton",))
+    path = resolve_impl(impl, _OP, logits, _FUSED)
     if path == "ref":
         return patch_hinge_loss_ref(logits, real, weight)
     if weight is not None:
         weight = weight.detach()
-    if _eager_fast_path_ok(logits, weight):
-        return _PatchHingeFn.apply(logits, weight, real, path)
-    loss, _ = torch.ops.scadfast.patch_hinge_fwd(logits, weight, real, path)
+    loss, _denom = _patch_hinge_loss_op(logits, weight, real, path)
     return loss

@@ -1,4 +1,4 @@
-"""SAN (slicing adversarial network) logits and discriminator loss, adapted to text (SPEC §5.3).
+"""SAN (slicing adversarial network) logits and discriminator loss, adapted to text (docs/design.md §5.3).
 
 Given the discriminator feature ``h = h(x, c)`` of shape (B, D) and the text direction
 ``omega = ω(c)`` (B, D), with ``n = ‖ω‖`` and ``ω̂ = ω / n``:
@@ -23,10 +23,10 @@ Implementations (``impl=``, see :mod:`scadfast.ops._impl`):
 * ``"triton"``: ``torch.library`` custom ops ``scadfast::san_logits`` / ``scadfast::san_d_loss``
   whose forward is one fused Triton kernel and whose backward is a second custom op
   (``scadfast::san_logits_backward`` / ``scadfast::san_d_loss_backward``), again one kernel.
-* ``"auto"``: the Triton path on CUDA; on CPU the same custom ops with hand-written forward and
-  backward in PyTorch (no autograd graph of the elementwise steps is built).
+* ``"auto"``: the Triton path on CUDA; on CPU the same custom ops with backend ``"torch"``:
+  hand-written forward and backward in PyTorch (no autograd graph of the elementwise steps is built).
 
-Double backward (needed by the MA-GP, SPEC §5.5): the backward ops have their own registered
+Double backward (needed by the MA-GP, docs/design.md §5.5): the backward ops have their own registered
 autograd formula written in plain differentiable PyTorch, so ``create_graph=True`` gradients of
 the fused ops can be differentiated again (to any order).
 
@@ -45,16 +45,18 @@ from typing import Optional
 
 import torch
 
-from ._impl import check_same_device, check_tensor, resolve_impl
+from ._impl import acc_dtype, check_same_device, check_tensor, kernels, resolve_impl
 
 _EPS = 1e-12
 _EPS2 = _EPS * _EPS
 
 __all__ = ["san_logits", "san_d_loss", "san_logits_ref", "san_d_loss_ref"]
 
+_FUSED = ("triton",)
+
 
 # ---------------------------------------------------------------------------------------------
-# validation
+# Validation
 
 
 def _check_pair(op, h, omega, hname="h", wname="omega"):
@@ -98,17 +100,13 @@ def _check_loss_inputs(op, h_real, omega_real, h_fake, omega_fake, fake_weight):
                                  f"{float(fake_weight.detach().min())}")
 
 
-def _acc_of(*dtypes) -> torch.dtype:
-    return torch.float64 if torch.float64 in dtypes else torch.float32
-
-
 # ---------------------------------------------------------------------------------------------
-# reference
+# Reference
 
 
 def _san_logits_acc(h, omega):
     """The reference logits in the accumulation dtype (fp32, fp64 for fp64 inputs)."""
-    acc = _acc_of(h.dtype, omega.dtype)
+    acc = acc_dtype(h.dtype, omega.dtype)
     h32, w32 = h.to(acc), omega.to(acc)
     n = w32.norm(dim=1, keepdim=True).clamp_min(_EPS)
     w_hat = w32 / n
@@ -141,7 +139,7 @@ def san_d_loss_ref(h_real, omega_real, h_fake, omega_fake, fake_weight=None):
     to a half input dtype) and the loss is fp32 (fp64 if any input is fp64). ``fake_weight`` is
     used as a constant (detached).
     """
-    acc = _acc_of(h_real.dtype, omega_real.dtype, h_fake.dtype, omega_fake.dtype)
+    acc = acc_dtype(h_real.dtype, omega_real.dtype, h_fake.dtype, omega_fake.dtype)
     fr, dr, _ = (t.to(acc) for t in _san_logits_acc(h_real, omega_real))
     ff, df, _ = (t.to(acc) for t in _san_logits_acc(h_fake, omega_fake))
     w = None if fake_weight is None else fake_weight.detach().to(acc)
@@ -149,7 +147,7 @@ def san_d_loss_ref(h_real, omega_real, h_fake, omega_fake, fake_weight=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# the math of the fused ops in PyTorch (CPU path) and the double-backward formulas
+# The op's math in PyTorch (backend "torch") and the double-backward formulas
 
 
 def _stats_torch(h, omega, acc):
@@ -166,7 +164,7 @@ def _coef(s, n2):
     return torch.where(ok, s / torch.where(ok, n2, torch.ones_like(n2)), torch.zeros_like(s))
 
 
-def _logits_bwd_torch(g_fun, g_dir, g_f, h, omega, stats):
+def _logits_backward_torch(g_fun, g_dir, g_f, h, omega, stats):
     """Hand-written backward of the three logits: (grad_h, grad_omega) in the inputs' dtypes."""
     acc = stats.dtype
     g_fun, g_dir, g_f = g_fun.to(acc), g_dir.to(acc), g_f.to(acc)
@@ -180,7 +178,7 @@ def _logits_bwd_torch(g_fun, g_dir, g_f, h, omega, stats):
     return gh.to(h.dtype), gw.to(omega.dtype)
 
 
-def _logits_bwd_vjp(g_fun, g_dir, g_f, h, omega, Gh, Gw):
+def _logits_backward_vjp_torch(g_fun, g_dir, g_f, h, omega, Gh, Gw):
     """VJP of ``(g_fun, g_dir, g_f, h, ω) ↦ (gh, gω)`` (the logits backward) at cotangents
     ``(Gh, Gw)``, in plain differentiable PyTorch (so it can be differentiated again).
 
@@ -194,7 +192,7 @@ def _logits_bwd_vjp(g_fun, g_dir, g_f, h, omega, Gh, Gw):
 
     Returns (∂g_fun, ∂g_dir, ∂g_f, ∂h, ∂ω) in the accumulation dtype (callers cast).
     """
-    acc = _acc_of(h.dtype, omega.dtype, g_fun.dtype)
+    acc = acc_dtype(h.dtype, omega.dtype, g_fun.dtype)
     h_, w_ = h.to(acc), omega.to(acc)
     g_fun, g_dir, g_f = g_fun.to(acc), g_dir.to(acc), g_f.to(acc)
     s = (h_ * w_).sum(1)
@@ -231,7 +229,7 @@ def _loss_row_grads(grad, stats_r, stats_f, fake_weight, wsum):
     return gfun_r, scale_r, gfun_f, scale_f
 
 
-def _loss_fwd_torch(h_real, omega_real, h_fake, omega_fake, fake_weight, acc):
+def _loss_forward_torch(h_real, omega_real, h_fake, omega_fake, fake_weight, acc):
     stats_r = _stats_torch(h_real, omega_real, acc)
     stats_f = _stats_torch(h_fake, omega_fake, acc)
     s_r, s_f = stats_r[0], stats_f[0]
@@ -244,154 +242,148 @@ def _loss_fwd_torch(h_real, omega_real, h_fake, omega_fake, fake_weight, acc):
 
 
 # ---------------------------------------------------------------------------------------------
-# custom ops: san_logits
-
-
-def _kernels():
-    from scadfast.kernels import san as _k  # imported lazily: needs triton
-
-    return _k
+# Custom ops: san_logits
 
 
 @torch.library.custom_op("scadfast::san_logits", mutates_args=())
-def _san_logits_op(h: torch.Tensor, omega: torch.Tensor, use_triton: bool) -> tuple[
+def _san_logits_op(h: torch.Tensor, omega: torch.Tensor, backend: str) -> tuple[
     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
 ]:
     """(f_fun, f_dir, f, stats): logits in the promoted dtype, stats = [⟨h, ω⟩; ‖ω‖²] (2, B)."""
-    if use_triton and h.shape[0] > 0:
-        return _kernels().san_logits_fwd(h, omega)
+    if backend == "triton" and h.shape[0] > 0:
+        return kernels("san").san_logits_forward(h, omega)
     out_dtype = torch.promote_types(h.dtype, omega.dtype)
-    stats = _stats_torch(h, omega, _acc_of(out_dtype))
+    stats = _stats_torch(h, omega, acc_dtype(out_dtype))
     s = stats[0].to(out_dtype, copy=True)  # outputs of a custom op must not alias each other
     return s, s.clone(), s.clone(), stats
 
 
 @_san_logits_op.register_fake
-def _(h, omega, use_triton):
+def _san_logits_fake(h, omega, backend):
     out_dtype = torch.promote_types(h.dtype, omega.dtype)
     B = h.shape[0]
     return (h.new_empty((B,), dtype=out_dtype), h.new_empty((B,), dtype=out_dtype),
-            h.new_empty((B,), dtype=out_dtype), h.new_empty((2, B), dtype=_acc_of(out_dtype)))
+            h.new_empty((B,), dtype=out_dtype), h.new_empty((2, B), dtype=acc_dtype(out_dtype)))
 
 
 @torch.library.custom_op("scadfast::san_logits_backward", mutates_args=())
-def _san_logits_bwd_op(g_fun: torch.Tensor, g_dir: torch.Tensor, g_f: torch.Tensor, h: torch.Tensor,
-                       omega: torch.Tensor, stats: torch.Tensor, use_triton: bool) -> tuple[
+def _san_logits_backward_op(g_fun: torch.Tensor, g_dir: torch.Tensor, g_f: torch.Tensor, h: torch.Tensor,
+                            omega: torch.Tensor, stats: torch.Tensor, backend: str) -> tuple[
     torch.Tensor, torch.Tensor
 ]:
     """(grad_h, grad_omega) of the three logits; see the module docstring for the formulas."""
-    if use_triton and h.shape[0] > 0:
-        return _kernels().san_logits_bwd(g_fun, g_dir, g_f, h, omega, stats)
-    return _logits_bwd_torch(g_fun, g_dir, g_f, h, omega, stats)
+    if backend == "triton" and h.shape[0] > 0:
+        return kernels("san").san_logits_backward(g_fun, g_dir, g_f, h, omega, stats)
+    return _logits_backward_torch(g_fun, g_dir, g_f, h, omega, stats)
 
 
-@_san_logits_bwd_op.register_fake
-def _(g_fun, g_dir, g_f, h, omega, stats, use_triton):
+@_san_logits_backward_op.register_fake
+def _san_logits_backward_fake(g_fun, g_dir, g_f, h, omega, stats, backend):
     return torch.empty_like(h, memory_format=torch.contiguous_format), torch.empty_like(
         omega, memory_format=torch.contiguous_format)
 
 
-def _san_logits_setup(ctx, inputs, output):
-    h, omega, use_triton = inputs
+def _san_logits_setup_context(ctx, inputs, output):
+    h, omega, backend = inputs
     ctx.save_for_backward(h, omega, output[3])
-    ctx.use_triton = use_triton
+    ctx.backend = backend
     ctx.mark_non_differentiable(output[3])
 
 
-def _san_logits_backward(ctx, g_fun, g_dir, g_f, _g_stats):
+def _san_logits_vjp(ctx, g_fun, g_dir, g_f, _g_stats):
     h, omega, stats = ctx.saved_tensors
-    gh, gw = _san_logits_bwd_op(g_fun, g_dir, g_f, h, omega, stats, ctx.use_triton)
+    gh, gw = _san_logits_backward_op(g_fun, g_dir, g_f, h, omega, stats, ctx.backend)
     return gh, gw, None
 
 
-_san_logits_op.register_autograd(_san_logits_backward, setup_context=_san_logits_setup)
+_san_logits_op.register_autograd(_san_logits_vjp, setup_context=_san_logits_setup_context)
 
 
-def _san_logits_bwd_setup(ctx, inputs, output):
-    g_fun, g_dir, g_f, h, omega, _stats, _use_triton = inputs
+def _san_logits_backward_setup_context(ctx, inputs, output):
+    g_fun, g_dir, g_f, h, omega, _stats, _backend = inputs
     ctx.save_for_backward(g_fun, g_dir, g_f, h, omega)
 
 
-def _san_logits_bwd_backward(ctx, Gh, Gw):
+def _san_logits_backward_vjp(ctx, Gh, Gw):
     g_fun, g_dir, g_f, h, omega = ctx.saved_tensors
-    d_gfun, d_gdir, d_gf, d_h, d_w = _logits_bwd_vjp(g_fun, g_dir, g_f, h, omega, Gh, Gw)
+    d_gfun, d_gdir, d_gf, d_h, d_w = _logits_backward_vjp_torch(g_fun, g_dir, g_f, h, omega, Gh, Gw)
     return (d_gfun.to(g_fun.dtype), d_gdir.to(g_dir.dtype), d_gf.to(g_f.dtype),
             d_h.to(h.dtype), d_w.to(omega.dtype), None, None)
 
 
-_san_logits_bwd_op.register_autograd(_san_logits_bwd_backward, setup_context=_san_logits_bwd_setup)
+_san_logits_backward_op.register_autograd(_san_logits_backward_vjp, setup_context=_san_logits_backward_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
-# custom ops: san_d_loss
+# Custom ops: san_d_loss
 
 
 @torch.library.custom_op("scadfast::san_d_loss", mutates_args=())
 def _san_d_loss_op(h_real: torch.Tensor, omega_real: torch.Tensor, h_fake: torch.Tensor,
-                   omega_fake: torch.Tensor, fake_weight: Optional[torch.Tensor], use_triton: bool) -> tuple[
+                   omega_fake: torch.Tensor, fake_weight: Optional[torch.Tensor], backend: str) -> tuple[
     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
 ]:
     """(loss, stats_real, stats_fake, weight_sum); only the 0-d loss is differentiable."""
-    if use_triton:
-        return _kernels().san_d_loss_fwd(h_real, omega_real, h_fake, omega_fake, fake_weight)
-    acc = _acc_of(h_real.dtype, omega_real.dtype, h_fake.dtype, omega_fake.dtype)
-    return _loss_fwd_torch(h_real, omega_real, h_fake, omega_fake, fake_weight, acc)
+    if backend == "triton":
+        return kernels("san").san_d_loss_forward(h_real, omega_real, h_fake, omega_fake, fake_weight)
+    acc = acc_dtype(h_real.dtype, omega_real.dtype, h_fake.dtype, omega_fake.dtype)
+    return _loss_forward_torch(h_real, omega_real, h_fake, omega_fake, fake_weight, acc)
 
 
 @_san_d_loss_op.register_fake
-def _(h_real, omega_real, h_fake, omega_fake, fake_weight, use_triton):
-    acc = _acc_of(h_real.dtype, omega_real.dtype, h_fake.dtype, omega_fake.dtype)
+def _san_d_loss_fake(h_real, omega_real, h_fake, omega_fake, fake_weight, backend):
+    acc = acc_dtype(h_real.dtype, omega_real.dtype, h_fake.dtype, omega_fake.dtype)
     return (h_real.new_empty((), dtype=acc), h_real.new_empty((2, h_real.shape[0]), dtype=acc),
             h_real.new_empty((2, h_fake.shape[0]), dtype=acc), h_real.new_empty((1,), dtype=acc))
 
 
 @torch.library.custom_op("scadfast::san_d_loss_backward", mutates_args=())
-def _san_d_loss_bwd_op(grad: torch.Tensor, h_real: torch.Tensor, omega_real: torch.Tensor,
-                       h_fake: torch.Tensor, omega_fake: torch.Tensor, fake_weight: Optional[torch.Tensor],
-                       stats_r: torch.Tensor, stats_f: torch.Tensor, wsum: torch.Tensor,
-                       use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _san_d_loss_backward_op(grad: torch.Tensor, h_real: torch.Tensor, omega_real: torch.Tensor,
+                            h_fake: torch.Tensor, omega_fake: torch.Tensor, fake_weight: Optional[torch.Tensor],
+                            stats_r: torch.Tensor, stats_f: torch.Tensor, wsum: torch.Tensor,
+                            backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_h_real, grad_omega_real, grad_h_fake, grad_omega_fake) of the SAN loss."""
-    if use_triton:
-        return _kernels().san_d_loss_bwd(grad, h_real, omega_real, h_fake, omega_fake, fake_weight,
-                                         stats_r, stats_f, wsum)
+    if backend == "triton":
+        return kernels("san").san_d_loss_backward(grad, h_real, omega_real, h_fake, omega_fake, fake_weight,
+                                                  stats_r, stats_f, wsum)
     gfun_r, gdir_r, gfun_f, gdir_f = _loss_row_grads(grad, stats_r, stats_f, fake_weight, wsum)
     zr, zf = torch.zeros_like(gfun_r), torch.zeros_like(gfun_f)
-    ghr, gwr = _logits_bwd_torch(gfun_r, gdir_r, zr, h_real, omega_real, stats_r)
-    ghf, gwf = _logits_bwd_torch(gfun_f, gdir_f, zf, h_fake, omega_fake, stats_f)
+    ghr, gwr = _logits_backward_torch(gfun_r, gdir_r, zr, h_real, omega_real, stats_r)
+    ghf, gwf = _logits_backward_torch(gfun_f, gdir_f, zf, h_fake, omega_fake, stats_f)
     return ghr, gwr, ghf, gwf
 
 
-@_san_d_loss_bwd_op.register_fake
-def _(grad, h_real, omega_real, h_fake, omega_fake, fake_weight, stats_r, stats_f, wsum, use_triton):
+@_san_d_loss_backward_op.register_fake
+def _san_d_loss_backward_fake(grad, h_real, omega_real, h_fake, omega_fake, fake_weight, stats_r, stats_f, wsum, backend):
     cf = torch.contiguous_format
     return (torch.empty_like(h_real, memory_format=cf), torch.empty_like(omega_real, memory_format=cf),
             torch.empty_like(h_fake, memory_format=cf), torch.empty_like(omega_fake, memory_format=cf))
 
 
-def _san_d_loss_setup(ctx, inputs, output):
-    h_real, omega_real, h_fake, omega_fake, fake_weight, use_triton = inputs
+def _san_d_loss_setup_context(ctx, inputs, output):
+    h_real, omega_real, h_fake, omega_fake, fake_weight, backend = inputs
     _loss, stats_r, stats_f, wsum = output
     ctx.save_for_backward(h_real, omega_real, h_fake, omega_fake, fake_weight, stats_r, stats_f, wsum)
-    ctx.use_triton = use_triton
+    ctx.backend = backend
     ctx.mark_non_differentiable(stats_r, stats_f, wsum)
 
 
-def _san_d_loss_backward(ctx, grad, _gs_r, _gs_f, _g_wsum):
+def _san_d_loss_vjp(ctx, grad, _gs_r, _gs_f, _g_wsum):
     h_real, omega_real, h_fake, omega_fake, fake_weight, stats_r, stats_f, wsum = ctx.saved_tensors
-    ghr, gwr, ghf, gwf = _san_d_loss_bwd_op(grad, h_real, omega_real, h_fake, omega_fake, fake_weight,
-                                            stats_r, stats_f, wsum, ctx.use_triton)
+    ghr, gwr, ghf, gwf = _san_d_loss_backward_op(grad, h_real, omega_real, h_fake, omega_fake, fake_weight,
+                                                 stats_r, stats_f, wsum, ctx.backend)
     return ghr, gwr, ghf, gwf, None, None  # fake_weight: no gradient by contract
 
 
-_san_d_loss_op.register_autograd(_san_d_loss_backward, setup_context=_san_d_loss_setup)
+_san_d_loss_op.register_autograd(_san_d_loss_vjp, setup_context=_san_d_loss_setup_context)
 
 
-def _san_d_loss_bwd_setup(ctx, inputs, output):
+def _san_d_loss_backward_setup_context(ctx, inputs, output):
     grad, h_real, omega_real, h_fake, omega_fake, fake_weight, stats_r, stats_f, wsum, _ = inputs
     ctx.save_for_backward(grad, h_real, omega_real, h_fake, omega_fake, fake_weight, stats_r, stats_f, wsum)
 
 
-def _san_d_loss_bwd_backward(ctx, Ghr, Gwr, Ghf, Gwf):
+def _san_d_loss_backward_vjp(ctx, Ghr, Gwr, Ghf, Gwf):
     grad, h_real, omega_real, h_fake, omega_fake, fake_weight, stats_r, stats_f, wsum = ctx.saved_tensors
     # The per-row factors depend on h, ω only through hinge indicators (derivative 0 a.e.), and
     # on the loss gradient linearly: g = grad · u with u the factors at grad = 1.
@@ -399,19 +391,19 @@ def _san_d_loss_bwd_backward(ctx, Ghr, Gwr, Ghf, Gwf):
     ufun_r, udir_r, ufun_f, udir_f = _loss_row_grads(one, stats_r, stats_f, fake_weight, wsum)
     G = grad.reshape(()).to(stats_r.dtype)
     zr, zf = torch.zeros_like(ufun_r), torch.zeros_like(ufun_f)
-    dfun_r, ddir_r, _, dhr, dwr = _logits_bwd_vjp(G * ufun_r, G * udir_r, zr, h_real, omega_real, Ghr, Gwr)
-    dfun_f, ddir_f, _, dhf, dwf = _logits_bwd_vjp(G * ufun_f, G * udir_f, zf, h_fake, omega_fake, Ghf, Gwf)
+    dfun_r, ddir_r, _, dhr, dwr = _logits_backward_vjp_torch(G * ufun_r, G * udir_r, zr, h_real, omega_real, Ghr, Gwr)
+    dfun_f, ddir_f, _, dhf, dwf = _logits_backward_vjp_torch(G * ufun_f, G * udir_f, zf, h_fake, omega_fake, Ghf, Gwf)
     d_grad = ((dfun_r * ufun_r).sum() + (ddir_r * udir_r).sum()
               + (dfun_f * ufun_f).sum() + (ddir_f * udir_f).sum())
     return (d_grad.to(grad.dtype).reshape(grad.shape), dhr.to(h_real.dtype), dwr.to(omega_real.dtype),
             dhf.to(h_fake.dtype), dwf.to(omega_fake.dtype), None, None, None, None, None)
 
 
-_san_d_loss_bwd_op.register_autograd(_san_d_loss_bwd_backward, setup_context=_san_d_loss_bwd_setup)
+_san_d_loss_backward_op.register_autograd(_san_d_loss_backward_vjp, setup_context=_san_d_loss_backward_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
-# public API
+# Public API
 
 
 def san_logits(h: torch.Tensor, omega: torch.Tensor, impl: str = "auto"):
@@ -428,24 +420,24 @@ def san_logits(h: torch.Tensor, omega: torch.Tensor, impl: str = "auto"):
     support double backward (``create_graph=True``).
     """
     _check_pair("san_logits", h, omega)
-    path = resolve_impl(impl, "san_logits", h, fused=("triton",))
+    path = resolve_impl(impl, "san_logits", h, _FUSED)
     if path == "ref":
         return san_logits_ref(h, omega)
-    f_fun, f_dir, f, _stats = _san_logits_op(h, omega, path == "triton")
+    f_fun, f_dir, f, _stats = _san_logits_op(h, omega, path)
     return f_fun, f_dir, f
 
 
 def san_d_loss(h_real: torch.Tensor, omega_real: torch.Tensor, h_fake: torch.Tensor,
                omega_fake: torch.Tensor, fake_weight: torch.Tensor | None = None,
                impl: str = "auto") -> torch.Tensor:
-    """SAN discriminator loss (a 0-d tensor to minimise), SPEC §5.3:
+    """SAN discriminator loss (a 0-d tensor to minimise), docs/design.md §5.3:
 
         mean relu(1 − f_fun_r) + wmean relu(1 + f_fun_f) − (mean f_dir_r − wmean f_dir_f)
 
     where ``mean`` runs over the B_real rows of (``h_real``, ``omega_real``), ``wmean x =
     Σ wᵢxᵢ / Σ wᵢ`` over the B_fake rows of (``h_fake``, ``omega_fake``) with ``w = fake_weight``
     (shape (B_fake,), default all ones). B_fake may differ from B_real, so fake pairs (x_f, s)
-    and mismatched pairs (x_r, s̃) can share one call, e.g. with weights 1 and ½ as in §5.2.
+    and mismatched pairs (x_r, s̃) can share one call, e.g. with weights 1 and ½ as in docs/design.md §5.2.
 
     Args:
         h_real, omega_real: (B_real, D) real-pair features and text directions.
@@ -461,9 +453,9 @@ def san_d_loss(h_real: torch.Tensor, omega_real: torch.Tensor, h_fake: torch.Ten
     """
     op = "san_d_loss"
     _check_loss_inputs(op, h_real, omega_real, h_fake, omega_fake, fake_weight)
-    path = resolve_impl(impl, op, h_real, fused=("triton",))
+    path = resolve_impl(impl, op, h_real, _FUSED)
     if path == "ref":
         return san_d_loss_ref(h_real, omega_real, h_fake, omega_fake, fake_weight)
     fw = None if fake_weight is None else fake_weight.detach()
-    loss, _sr, _sf, _ws = _san_d_loss_op(h_real, omega_real, h_fake, omega_fake, fw, path == "triton")
+    loss, _sr, _sf, _ws = _san_d_loss_op(h_real, omega_real, h_fake, omega_fake, fw, path)
     return loss

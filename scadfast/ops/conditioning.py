@@ -1,4 +1,4 @@
-"""Conditioning augmentation (StackGAN), SPEC §6 — reference and fused op.
+"""Conditioning augmentation (StackGAN), docs/design.md §6 — reference and fused op.
 
     c_hat, mu, logvar, kl = cond_aug(s, weight, bias, eps=None, mode="glu")
 
@@ -13,10 +13,10 @@ C++/CUDA extension ``scadfast._C`` (C++ with ``at::parallel_for`` on CPU, CUDA o
 (gradients wrt ``a`` and ``eps`` from the four output gradients) is ONE kernel too. The kernels are wrapped
 as two ``torch.library.custom_op``s in namespace ``scadfast``:
 
-``scadfast::cond_aug(a, eps, mode) -> (c_hat, mu, logvar, kl)``
+``scadfast::cond_aug(a, eps, mode, backend) -> (c_hat, mu, logvar, kl)``
     fake impl + autograd (backward = ``scadfast::cond_aug_backward``), so it runs under
-    ``torch.compile(fullgraph=True)``.
-``scadfast::cond_aug_backward(a, eps, grad_c_hat, grad_mu, grad_logvar, grad_kl, mode) -> (grad_a, grad_eps)``
+    ``torch.compile(fullgraph=True)``. ``backend`` is ``"cpu"`` (the C++ kernel) or ``"cuda"``.
+``scadfast::cond_aug_backward(a, eps, grad_c_hat, grad_mu, grad_logvar, grad_kl, mode, backend) -> (grad_a, grad_eps)``
     fake impl + autograd written in plain PyTorch (the analytic Hessian-vector products), so the op is
     differentiable twice (``create_graph=True``, gradient penalties) and further (plain autograd from
     there on).
@@ -39,11 +39,62 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _impl
+from ._impl import acc_dtype, check_impl, check_same_device, check_tensor, require_extension, resolve_impl
+
+__all__ = ["cond_aug", "cond_aug_ref", "CondAug"]
 
 _OP = "cond_aug"
+_FUSED = ("cuda",)
 MODES = ("glu", "relu")
 _PARTS = {"glu": 4, "relu": 2}
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def _validate(s, weight, bias, eps, mode) -> int:
+    """Check the arguments; return E."""
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"{_OP}: mode must be one of {MODES}, got {mode!r}")
+    check_tensor(_OP, "s", s, ndim=2)
+    check_tensor(_OP, "weight", weight, ndim=2)
+    if bias is not None:
+        check_tensor(_OP, "bias", bias, ndim=1)
+    if eps is not None:
+        check_tensor(_OP, "eps", eps, ndim=2)
+    check_same_device(_OP, s=s, weight=weight, bias=bias, eps=eps)
+    for name, t in (("weight", weight), ("bias", bias), ("eps", eps)):
+        if t is not None and t.dtype != s.dtype:
+            raise TypeError(f"{_OP}: {name} has dtype {t.dtype} but s has dtype {s.dtype}; they must match")
+    B, d = s.shape
+    if B == 0:
+        raise ValueError(f"{_OP}: s is an empty batch (shape {tuple(s.shape)}); the KL mean needs at least one row")
+    rows, d_w = weight.shape
+    parts = _PARTS[mode]
+    if rows == 0 or rows % parts:
+        other = "relu" if mode == "glu" else "glu"
+        raise ValueError(
+            f"{_OP}: mode={mode!r} needs weight of shape ({parts}E, d) (mode={other!r}: "
+            f"({_PARTS[other]}E, d)); got weight of shape {tuple(weight.shape)}, whose {rows} rows are "
+            f"not a positive multiple of {parts}"
+        )
+    if d_w != d:
+        raise ValueError(
+            f"{_OP}: weight of shape {tuple(weight.shape)} expects d={d_w} input features but s has shape "
+            f"{tuple(s.shape)} (d={d})"
+        )
+    if bias is not None and bias.shape[0] != rows:
+        raise ValueError(f"{_OP}: bias must have shape ({rows},) to match weight {tuple(weight.shape)}, "
+                         f"got {tuple(bias.shape)}")
+    E = rows // parts
+    if eps is not None and tuple(eps.shape) != (B, E):
+        raise ValueError(f"{_OP}: eps must have shape (B, E) = ({B}, {E}), got {tuple(eps.shape)}")
+    return E
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference
 
 
 def cond_aug_ref(s, weight, bias, eps=None, mode="glu"):
@@ -67,30 +118,28 @@ def cond_aug_ref(s, weight, bias, eps=None, mode="glu"):
 
 
 # ---------------------------------------------------------------------------------------------
-# The custom ops around the extension's kernels
+# Custom ops around the extension's kernels: the C++ kernel for backend "cpu", the CUDA kernel for
+# backend "cuda" (the extension picks the kernel by the tensors' device; backend must agree with it).
 
 
-def _ext_or_raise():
-    ext = _impl.extension()
-    if ext is None:
-        raise RuntimeError(
-            f"scadfast::cond_aug needs the compiled extension scadfast._C ({_impl.extension_error()}); "
-            "reinstall with `pip install --no-build-isolation -e .`"
-        )
-    return ext
+def _extension(op: str, a: torch.Tensor, backend: str):
+    if backend != a.device.type:
+        raise ValueError(f"{op}: backend={backend!r} does not run tensors on {a.device}")
+    return require_extension(op)
 
 
 @torch.library.custom_op("scadfast::cond_aug", mutates_args=())
-def _cond_aug_op(a: torch.Tensor, eps: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _cond_aug_op(a: torch.Tensor, eps: torch.Tensor, mode: str,
+                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused elementwise part: ``a`` (B, 4E|2E) pre-activation, ``eps`` (B, E) -> (c_hat, mu, logvar, kl)."""
-    c_hat, mu, logvar, kl = _ext_or_raise().cond_aug_forward(a, eps, mode == "glu")
+    c_hat, mu, logvar, kl = _extension("scadfast::cond_aug", a, backend).cond_aug_forward(a, eps, mode == "glu")
     return c_hat, mu, logvar, kl
 
 
 @_cond_aug_op.register_fake
-def _(a, eps, mode):
+def _cond_aug_fake(a, eps, mode, backend):
     B, E = eps.shape
-    kl = a.new_empty((), dtype=_impl.acc_dtype(a.dtype))
+    kl = a.new_empty((), dtype=acc_dtype(a.dtype))
     return a.new_empty((B, E)), a.new_empty((B, E)), a.new_empty((B, E)), kl
 
 
@@ -103,28 +152,29 @@ def _cond_aug_backward_op(
     grad_logvar: torch.Tensor,
     grad_kl: torch.Tensor,
     mode: str,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused backward: gradients wrt ``a`` and ``eps`` (recomputes mu/logvar from ``a``)."""
-    grad_a, grad_eps = _ext_or_raise().cond_aug_backward(
+    grad_a, grad_eps = _extension("scadfast::cond_aug_backward", a, backend).cond_aug_backward(
         a, eps, grad_c_hat, grad_mu, grad_logvar, grad_kl, mode == "glu"
     )
     return grad_a, grad_eps
 
 
 @_cond_aug_backward_op.register_fake
-def _(a, eps, grad_c_hat, grad_mu, grad_logvar, grad_kl, mode):
+def _cond_aug_backward_fake(a, eps, grad_c_hat, grad_mu, grad_logvar, grad_kl, mode, backend):
     return torch.empty_like(a, memory_format=torch.contiguous_format), torch.empty_like(
         eps, memory_format=torch.contiguous_format
     )
 
 
-def _fwd_setup_context(ctx, inputs, output):
-    a, eps, mode = inputs
+def _cond_aug_setup_context(ctx, inputs, output):
+    a, eps, mode, backend = inputs
     ctx.save_for_backward(a, eps)
-    ctx.mode = mode
+    ctx.mode, ctx.backend = mode, backend
 
 
-def _fwd_backward(ctx, grad_c_hat, grad_mu, grad_logvar, grad_kl):
+def _cond_aug_vjp(ctx, grad_c_hat, grad_mu, grad_logvar, grad_kl):
     a, eps = ctx.saved_tensors
     if grad_c_hat is None:
         grad_c_hat = torch.zeros_like(eps)
@@ -133,23 +183,23 @@ def _fwd_backward(ctx, grad_c_hat, grad_mu, grad_logvar, grad_kl):
     if grad_logvar is None:
         grad_logvar = torch.zeros_like(eps)
     if grad_kl is None:
-        grad_kl = a.new_zeros((), dtype=_impl.acc_dtype(a.dtype))
-    grad_a, grad_eps = torch.ops.scadfast.cond_aug_backward(
-        a, eps, grad_c_hat, grad_mu, grad_logvar, grad_kl, ctx.mode
+        grad_kl = a.new_zeros((), dtype=acc_dtype(a.dtype))
+    grad_a, grad_eps = _cond_aug_backward_op(
+        a, eps, grad_c_hat, grad_mu, grad_logvar, grad_kl, ctx.mode, ctx.backend
     )
-    return grad_a, grad_eps, None
+    return grad_a, grad_eps, None, None
 
 
-_cond_aug_op.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+_cond_aug_op.register_autograd(_cond_aug_vjp, setup_context=_cond_aug_setup_context)
 
 
-def _bwd_setup_context(ctx, inputs, output):
-    a, eps, grad_c_hat, grad_mu, grad_logvar, grad_kl, mode = inputs
+def _cond_aug_backward_setup_context(ctx, inputs, output):
+    a, eps, grad_c_hat, grad_mu, grad_logvar, grad_kl, mode, backend = inputs
     ctx.save_for_backward(a, eps, grad_c_hat, grad_mu, grad_logvar, grad_kl)
     ctx.mode = mode
 
 
-def _bwd_backward(ctx, gg_a, gg_eps):
+def _cond_aug_backward_vjp(ctx, gg_a, gg_eps):
     """Vector-Jacobian product of the backward op, in plain PyTorch (so it is differentiable again).
 
     With ``gM = grad_mu + grad_c + k·mu`` and ``gL = grad_lv + grad_c·eps·std/2 - k·(1 - var)/2``
@@ -160,7 +210,7 @@ def _bwd_backward(ctx, gg_a, gg_eps):
     """
     a, eps, gc, gm, glv, gk = ctx.saved_tensors
     glu = ctx.mode == "glu"
-    acc = _impl.acc_dtype(a.dtype)
+    acc = acc_dtype(a.dtype)
     B, E = eps.shape
     n = float(B * E)
     if gg_a is None:
@@ -216,81 +266,15 @@ def _bwd_backward(ctx, gg_a, gg_eps):
         d_glv.to(glv.dtype),
         d_gk.to(gk.dtype).reshape(gk.shape),
         None,
+        None,
     )
 
 
-_cond_aug_backward_op.register_autograd(_bwd_backward, setup_context=_bwd_setup_context)
+_cond_aug_backward_op.register_autograd(_cond_aug_backward_vjp, setup_context=_cond_aug_backward_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
 # Public API
-
-
-def _validate(s, weight, bias, eps, mode) -> int:
-    """Check the arguments; return E."""
-    if not isinstance(mode, str) or mode not in MODES:
-        raise ValueError(f"{_OP}: mode must be one of {MODES}, got {mode!r}")
-    _impl.check_tensor(_OP, "s", s, ndim=2)
-    _impl.check_tensor(_OP, "weight", weight, ndim=2)
-    if bias is not None:
-        _impl.check_tensor(_OP, "bias", bias, ndim=1)
-    if eps is not None:
-        _impl.check_tensor(_OP, "eps", eps, ndim=2)
-    _impl.check_same_device(_OP, s=s, weight=weight, bias=bias, eps=eps)
-    for name, t in (("weight", weight), ("bias", bias), ("eps", eps)):
-        if t is not None and t.dtype != s.dtype:
-            raise TypeError(f"{_OP}: {name} has dtype {t.dtype} but s has dtype {s.dtype}; they must match")
-    B, d = s.shape
-    if B == 0:
-        raise ValueError(f"{_OP}: s is an empty batch (shape {tuple(s.shape)}); the KL mean needs at least one row")
-    rows, d_w = weight.shape
-    parts = _PARTS[mode]
-    if rows == 0 or rows % parts:
-        other = "relu" if mode == "glu" else "glu"
-        raise ValueError(
-            f"{_OP}: mode={mode!r} needs weight of shape ({parts}E, d) (mode={other!r}: "
-            f"({_PARTS[other]}E, d)); got weight of shape {tuple(weight.shape)}, whose {rows} rows are "
-            f"not a positive multiple of {parts}"
-        )
-    if d_w != d:
-        raise ValueError(
-            f"{_OP}: weight of shape {tuple(weight.shape)} expects d={d_w} input features but s has shape "
-            f"{tuple(s.shape)} (d={d})"
-        )
-    if bias is not None and bias.shape[0] != rows:
-        raise ValueError(f"{_OP}: bias must have shape ({rows},) to match weight {tuple(weight.shape)}, "
-                         f"got {tuple(bias.shape)}")
-    E = rows // parts
-    if eps is not None and tuple(eps.shape) != (B, E):
-        raise ValueError(f"{_OP}: eps must have shape (B, E) = ({B}, {E}), got {tuple(eps.shape)}")
-    return E
-
-
-def _resolve(impl: str, s: torch.Tensor) -> str:
-    """``"ref"`` or ``"ext"`` (the extension's kernel for s's device)."""
-    path = _impl.resolve_impl(impl, _OP, s, fused=("cuda",))
-    if path == "cuda":
-        if s.device.type != "cuda":
-            raise RuntimeError(f"{_OP}: impl='cuda' needs CUDA tensors, got s on {s.device}; use impl='auto' "
-                               "for the extension's CPU kernel")
-        return "ext"
-    if path == "cpu":  # auto on CPU: the extension's C++ kernel is this op's fused CPU path
-        if _impl.extension_available():
-            return "ext"
-        _impl.warn_once(
-            "cond_aug:no-extension",
-            f"{_OP}: the C++ extension scadfast._C is not available ({_impl.extension_error()}); "
-            "using the PyTorch reference. Rebuild with `pip install --no-build-isolation -e .`",
-        )
-        return "ref"
-    if impl == "auto" and s.device.type == "cuda":  # auto on GPU without the CUDA kernels
-        why = _impl.extension_error() or "built without CUDA kernels"
-        _impl.warn_once(
-            "cond_aug:no-cuda-extension",
-            f"{_OP}: the CUDA kernels of scadfast._C are not available ({why}); using the PyTorch "
-            "reference. Rebuild with a CUDA toolkit: `CUDA_HOME=... pip install --no-build-isolation -e .`",
-        )
-    return "ref"
 
 
 def cond_aug(s, weight, bias, eps=None, mode="glu", impl="auto"):
@@ -310,13 +294,14 @@ def cond_aug(s, weight, bias, eps=None, mode="glu", impl="auto"):
         fp64 for fp64 inputs). All are differentiable wrt s, weight, bias and eps, twice over.
     """
     E = _validate(s, weight, bias, eps, mode)
-    if _resolve(impl, s) == "ref":
+    path = resolve_impl(impl, _OP, s, _FUSED, host="cpu", arg="s")
+    if path == "ref":
         return cond_aug_ref(s, weight, bias, eps, mode)
     a = F.linear(s, weight, bias)
     if eps is None:
         # Same draw as torch.randn_like(mu) in the reference (mu is a (B, E) tensor of s's dtype).
         eps = torch.randn((s.shape[0], E), dtype=s.dtype, device=s.device)
-    c_hat, mu, logvar, kl = torch.ops.scadfast.cond_aug(a, eps, mode)
+    c_hat, mu, logvar, kl = _cond_aug_op(a, eps, mode, path)
     return c_hat, mu, logvar, kl
 
 
@@ -332,7 +317,7 @@ class CondAug(torch.nn.Module):
             raise ValueError(f"CondAug: mode must be one of {MODES}, got {mode!r}")
         if E <= 0 or d_in <= 0:
             raise ValueError(f"CondAug: d_in and E must be positive, got d_in={d_in}, E={E}")
-        _impl.check_impl(impl, "CondAug", ("auto", "ref", "cuda"))
+        check_impl(impl, "CondAug", ("auto", "ref") + _FUSED)
         self.E, self.mode, self.impl = E, mode, impl
         self.fc = torch.nn.Linear(d_in, _PARTS[mode] * E)
 

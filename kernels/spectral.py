@@ -1,4 +1,4 @@
-"""Triton kernels for the spectral-norm power iteration (SPEC §7).
+"""Triton kernels for the spectral-norm power iteration (docs/design.md §7).
 
 What is computed
 ----------------
@@ -42,8 +42,8 @@ rounding only: ``Wᵀu`` is formed as ``Wᵀ(Wv)/‖Wv‖`` in fp32, so ``u`` is
 buffer dtype before it is used (slightly *more* accurate than torch's fp16/bf16 path). ``n_iter``
 iterations are ``n_iter`` launches (the default ``n_iter = 1`` is one launch; the 15 initial
 iterations happen once, at construction). A single-program-per-weight design (all iterations in
-one program) was measured first and rejected: one SM streams only ~50 GB/s, 3–10× slower than
-eager for 512 × 4608 weights.
+one program) was tried first and rejected: one SM cannot stream ``W`` at anything near the
+device's bandwidth, so it was several times slower than eager for discriminator-sized weights.
 
 Tile sizes: ``BLOCK_R = 16`` rows per program (enough programs to fill the GPU for R ≥ 2k, and the
 atomics stay at 1/16 of the elements), ``BLOCK_C = 256``. No ``@triton.autotune``: it does not run
@@ -57,8 +57,13 @@ import torch
 import triton
 import triton.language as tl
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from ._common import device_ctx
+
 _META_COLS = 8  # w_ptr, u_ptr, v_ptr, ws_off, R, C, s_r, s_c
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
 
 
 @triton.jit
@@ -155,8 +160,8 @@ def _power_step_grouped_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# Launchers. Inputs are validated by scadfast.ops.spectral_norm; these only rely on: 2-D ``w``
-# of a supported dtype, contiguous 1-D ``u`` (R,) and ``v`` (C,) of ``w``'s dtype, same device.
+# Launchers. Inputs are validated by scadfast.ops.spectral; these only rely on: 2-D ``w``
+# of fp16/bf16/fp32, contiguous 1-D ``u`` (R,) and ``v`` (C,) of ``w``'s dtype, same device.
 
 
 def _blocks(t: torch.Tensor) -> tuple[int, int]:
@@ -174,12 +179,13 @@ def power_iteration(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n_iter: i
     n_blocks = max(triton.cdiv(R, block_r), 1)
     width = R + C + 2  # t, s, ‖t‖², ticket (as int32 bits)
     ws = torch.zeros(n_iter, width, device=w.device, dtype=torch.float32)
-    for i in range(n_iter):
-        wsi = ws[i]
-        _power_step_kernel[(n_blocks,)](
-            w, u, v, wsi, wsi[R + C + 1:].view(torch.int32), R, C, w.stride(0), w.stride(1), float(eps),
-            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
-        )
+    with device_ctx(w):
+        for i in range(n_iter):
+            wsi = ws[i]
+            _power_step_kernel[(n_blocks,)](
+                w, u, v, wsi, wsi[R + C + 1:].view(torch.int32), R, C, w.stride(0), w.stride(1), float(eps),
+                BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+            )
 
 
 _TABLE_CACHE: dict = {}
@@ -220,9 +226,10 @@ def power_iteration_grouped(ws, us, vs, n_iter: int, eps: float) -> None:
     G = len(ws)
     width = ws_size + G  # fp32 workspaces, then one int32 ticket per weight
     work = torch.zeros(n_iter, width, device=ws[0].device, dtype=torch.float32)
-    for i in range(n_iter):
-        wi = work[i]
-        _power_step_grouped_kernel[(n_progs,)](
-            meta, progs, ws[0], us[0], wi, wi[ws_size:].view(torch.int32), float(eps),
-            BLOCK_R=block_r, BLOCK_C=block_c, META_COLS=_META_COLS, num_warps=4,
-        )
+    with device_ctx(ws[0]):
+        for i in range(n_iter):
+            wi = work[i]
+            _power_step_grouped_kernel[(n_progs,)](
+                meta, progs, ws[0], us[0], wi, wi[ws_size:].view(torch.int32), float(eps),
+                BLOCK_R=block_r, BLOCK_C=block_c, META_COLS=_META_COLS, num_warps=4,
+            )

@@ -1,4 +1,4 @@
-"""Spectral normalisation with a fused power iteration (SPEC §7, §5.3).
+"""Spectral normalisation with a fused power iteration (docs/design.md §7, §5.3).
 
 :func:`spectral_norm` is a drop-in for :func:`torch.nn.utils.parametrizations.spectral_norm`:
 
@@ -12,7 +12,7 @@
   *in place* on the buffers; eval mode never iterates;
 * the weight is ``W / σ`` with ``σ = uᵀ W v`` computed from *clones* of ``u``, ``v`` in plain
   autograd-visible torch ops, so gradients flow through ``W`` only and double backward (the MA-GP of
-  §5.5) works unchanged; for fp16/bf16 weights ``σ`` and ``W / σ`` are computed in fp32 (rounded
+  docs/design.md §5.5) works unchanged; for fp16/bf16 weights ``σ`` and ``W / σ`` are computed in fp32 (rounded
   once to the weight's dtype), so large weights do not overflow;
 * the matrix is ``weight.permute(dim, …).flatten(1)``; ``dim`` defaults to 1 for ``ConvTranspose``
   and 0 otherwise; 1-D weights are simply ``F.normalize``-d, as torch does.
@@ -23,9 +23,11 @@ the parametrization to a whole model and, optionally, updates all its weights wi
 launch per forward call.
 
 ``impl`` (see :mod:`scadfast.ops._impl`): ``"auto"`` — the Triton kernel on CUDA (fp16/bf16/fp32;
-fp64 uses the PyTorch path), a PyTorch CPU path otherwise that is bit-identical to torch for
-fp32/fp64 and computes in fp32 for fp16/bf16; ``"ref"`` — torch's own ``_power_method`` math;
-``"triton"`` — the kernel (CPU tensors only under ``TRITON_INTERPRET=1``).
+fp64 uses the PyTorch path), the PyTorch path (backend ``"torch"``) otherwise, bit-identical to
+torch for fp32/fp64 and computing in fp32 for fp16/bf16; ``"ref"`` — :func:`power_iteration_ref`,
+torch's own ``_power_method`` math; ``"triton"`` — the kernel (CPU tensors only under
+``TRITON_INTERPRET=1``). The power iteration runs without gradient, so its custom ops have no
+autograd; the differentiable part (σ = uᵀWv and W / σ) is plain torch.
 """
 
 from __future__ import annotations
@@ -37,13 +39,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._impl import check_impl, check_same_device, check_tensor, resolve_impl, triton_runs_on, warn_once
+from ._impl import check_impl, check_same_device, check_tensor, kernels, resolve_impl, triton_runs_on, warn_once
 
 __all__ = [
-    "spectral_norm", "spectral_norm_all", "power_iteration_", "power_iteration_grouped_", "SpectralNorm",
+    "spectral_norm", "spectral_norm_all", "power_iteration_", "power_iteration_grouped_", "power_iteration_ref",
+    "SpectralNorm", "SpectralNormDimError",
 ]
 
-_IMPLS = ("auto", "ref", "triton")
+_FUSED = ("triton",)
+_IMPLS = ("auto", "ref") + _FUSED
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SN_MODULE_TYPES = (
     nn.Conv1d, nn.Conv2d, nn.Conv3d,
@@ -97,7 +101,7 @@ def _check_triple(op: str, w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, w_
 
 
 # ---------------------------------------------------------------------------------------------
-# Backends
+# Reference
 
 
 def _reshape_to_matrix(weight: torch.Tensor, dim: int) -> torch.Tensor:
@@ -107,15 +111,25 @@ def _reshape_to_matrix(weight: torch.Tensor, dim: int) -> torch.Tensor:
     return weight.flatten(1)
 
 
-def _torch_power_method(w_mat: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n_iter: int, eps: float) -> None:
-    """torch's ``_power_method``, operation for operation (the reference)."""
-    for _ in range(n_iter):
-        F.normalize(torch.mv(w_mat, v), dim=0, eps=eps, out=u)
-        F.normalize(torch.mv(w_mat.H, u), dim=0, eps=eps, out=v)
+def power_iteration_ref(w_mat: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n_iter: int,
+                        eps: float = 1e-12) -> None:
+    """Reference of :func:`power_iteration_`: torch's ``_power_method``, operation for operation.
+
+    ``n_iter`` times ``u ← normalize(W v)``, ``v ← normalize(Wᵀ u)`` (``F.normalize`` with ``eps``),
+    in place on ``u`` and ``v``, without gradient.
+    """
+    with torch.no_grad():
+        for _ in range(n_iter):
+            F.normalize(torch.mv(w_mat, v), dim=0, eps=eps, out=u)
+            F.normalize(torch.mv(w_mat.H, u), dim=0, eps=eps, out=v)
 
 
-def _cpu_power_method(w_mat: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n_iter: int, eps: float) -> None:
-    """The PyTorch path of ``impl="auto"`` off the Triton kernel.
+# ---------------------------------------------------------------------------------------------
+# The op's math in PyTorch (backend "torch")
+
+
+def _power_iteration_torch(w_mat: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n_iter: int, eps: float) -> None:
+    """The ``"torch"`` backend (``impl="auto"`` off the Triton kernel).
 
     fp32/fp64: torch's own sequence (bit-identical). fp16/bf16: the matrix is upcast once, products
     and norms are computed in fp32, and each normalised vector is rounded to the buffer dtype and
@@ -123,7 +137,7 @@ def _cpu_power_method(w_mat: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n_i
     within the documented fp16/bf16 tolerances of fp32 math).
     """
     if w_mat.dtype not in (torch.float16, torch.bfloat16):
-        _torch_power_method(w_mat, u, v, n_iter, eps)
+        power_iteration_ref(w_mat, u, v, n_iter, eps)
         return
     w32 = w_mat.float()
     tu = torch.empty(u.shape, dtype=torch.float32, device=u.device)
@@ -138,10 +152,8 @@ def _cpu_power_method(w_mat: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n_i
         v32 = v.float()
 
 
-def _kernels():
-    from scadfast.kernels import spectral_norm as kernels  # imported lazily: needs triton
-
-    return kernels
+# ---------------------------------------------------------------------------------------------
+# Backend "triton": group the weights by device and dtype, then scadfast.kernels.spectral
 
 
 def _contiguous_vectors(us: Sequence[torch.Tensor]):
@@ -158,7 +170,7 @@ def _contiguous_vectors(us: Sequence[torch.Tensor]):
 
 
 def _triton_grouped(weights, dims, us, vs, n_iter, eps) -> None:
-    kernels = _kernels()
+    launch = kernels("spectral")
     cu, back_u = _contiguous_vectors(us)
     cv, back_v = _contiguous_vectors(vs)
     groups: dict = {}
@@ -169,24 +181,27 @@ def _triton_grouped(weights, dims, us, vs, n_iter, eps) -> None:
         # view); otherwise (e.g. a ConvTranspose weight with dim=1) flatten copies once.
         mats = [_reshape_to_matrix(weights[i], dims[i]) for i in idx]
         if len(idx) == 1:
-            kernels.power_iteration(mats[0], cu[idx[0]], cv[idx[0]], n_iter, eps)
+            launch.power_iteration(mats[0], cu[idx[0]], cv[idx[0]], n_iter, eps)
         else:
-            kernels.power_iteration_grouped(mats, [cu[i] for i in idx], [cv[i] for i in idx], n_iter, eps)
+            launch.power_iteration_grouped(mats, [cu[i] for i in idx], [cv[i] for i in idx], n_iter, eps)
     for dst, src in back_u + back_v:
         dst.copy_(src)
 
 
-# The fused paths are custom ops so that torch.compile(fullgraph=True) sees one opaque, in-place
-# node instead of tracing into Triton launches or breaking the graph.
+# ---------------------------------------------------------------------------------------------
+# Custom ops: in-place and without gradient, so a fake implementation and no autograd. They are
+# custom ops so that torch.compile(fullgraph=True) sees one opaque, in-place node instead of
+# tracing into Triton launches or breaking the graph.
 
 
 @torch.library.custom_op("scadfast::power_iteration_", mutates_args=("u", "v"))
 def _power_iteration_op(w_mat: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n_iter: int, eps: float,
                         backend: str) -> None:
+    """``backend``: "triton" or "torch" (see :func:`scadfast.ops._impl.resolve_impl`)."""
     if backend == "triton":
         _triton_grouped([w_mat], [0], [u], [v], n_iter, eps)
     else:
-        _cpu_power_method(w_mat, u, v, n_iter, eps)
+        _power_iteration_torch(w_mat, u, v, n_iter, eps)
 
 
 @_power_iteration_op.register_fake
@@ -201,7 +216,7 @@ def _power_iteration_grouped_op(weights: List[torch.Tensor], dims: List[int], us
         _triton_grouped(weights, dims, us, vs, n_iter, eps)
     else:
         for w, d, u, v in zip(weights, dims, us, vs):
-            _cpu_power_method(_reshape_to_matrix(w, d), u, v, n_iter, eps)
+            _power_iteration_torch(_reshape_to_matrix(w, d), u, v, n_iter, eps)
 
 
 @_power_iteration_grouped_op.register_fake
@@ -209,25 +224,15 @@ def _power_iteration_grouped_fake(weights, dims, us, vs, n_iter, eps, backend) -
     return None
 
 
-def _resolve(op: str, impl: str, t: torch.Tensor) -> str:
-    """``ref`` | ``cpu`` (the PyTorch path) | ``triton`` for one weight."""
-    backend = resolve_impl(impl, op, t, fused=("triton",))
-    if backend == "triton" and t.dtype not in _KERNEL_DTYPES:
-        if impl == "triton":
-            raise TypeError(f"{op}: impl='triton' supports float16, bfloat16 and float32 weights, got {t.dtype}")
-        backend = "cpu"
-    return backend
-
-
 def _run(op: str, weights, dims, us, vs, n_iter: int, eps: float, impl: str) -> None:
     """Dispatch validated, detached inputs to their backends (one grouped call per backend)."""
     by_backend: dict = {}
     for i, w in enumerate(weights):
-        by_backend.setdefault(_resolve(op, impl, w), []).append(i)
+        by_backend.setdefault(resolve_impl(impl, op, w, _FUSED, kernel_dtypes=_KERNEL_DTYPES), []).append(i)
     for backend, idx in by_backend.items():
         if backend == "ref":
             for i in idx:
-                _torch_power_method(_reshape_to_matrix(weights[i], dims[i]), us[i], vs[i], n_iter, eps)
+                power_iteration_ref(_reshape_to_matrix(weights[i], dims[i]), us[i], vs[i], n_iter, eps)
         elif len(idx) == 1 and dims[idx[0]] == 0 and weights[idx[0]].dim() == 2:
             i = idx[0]
             _power_iteration_op(weights[i], us[i], vs[i], n_iter, eps, backend)
@@ -237,7 +242,7 @@ def _run(op: str, weights, dims, us, vs, n_iter: int, eps: float, impl: str) -> 
 
 
 # ---------------------------------------------------------------------------------------------
-# Public functional API
+# Public API
 
 
 def power_iteration_(w_mat: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n_iter: int, eps: float = 1e-12,
