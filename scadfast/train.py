@@ -40,11 +40,7 @@ DEFAULTS = dict(
     batch_size=16, steps=600, precision=None, compile=None, impl="auto", seed=0, out=None,
     resume=False, log_every=25, sample_every=200, ckpt_every=200, keep_ckpts=3, device=None,
     cache_dir=None, sample_prompts=8, sample_noise=8, check_images=False, eval_every=0, eval_prompts=16,
-<<<<<<< HEAD
-    eval_n=16, ema_kimg=0.0, ema_rampup=0.05, text_emb_dtype="fp32",
-=======
-    eval_n=16, ema_kimg=0.0, ema_rampup=0.05, channels_last=True,
->>>>>>> main
+    eval_n=16, ema_kimg=0.0, ema_rampup=0.05, channels_last=True, text_emb_dtype="fp32",
 )
 
 
