@@ -36,10 +36,9 @@ def parse_clip_spec(spec: str) -> Tuple[str, Optional[str]]:
 def load_eval_clip(spec: str, device=None):
     """A :class:`FrozenCLIP` from ``NAME[:PRETRAINED]``; ``scadfast-tiny:shapes`` → the shipped weights."""
     from ..models.clip import FrozenCLIP
-    from ..pretrain_clip import resolve_pretrained
 
     name, pre = parse_clip_spec(spec)
-    return FrozenCLIP(name, pretrained=resolve_pretrained(name, pre), device=device)
+    return FrozenCLIP(name, pretrained=pre, device=device)
 
 
 class CLIPScorer:
