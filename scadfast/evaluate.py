@@ -99,14 +99,7 @@ def _read_prompts(path: str) -> list[str]:
 def _default_prompts(n: int, seed: int) -> list[str]:
     from .data.shapes import sample_prompts
 
-    out, seen = [], set()
-    for p in sample_prompts(max(50 * n, 1000), seed=seed):
-        if p not in seen:
-            seen.add(p)
-            out.append(p)
-            if len(out) == n:
-                break
-    return out
+    return list(dict.fromkeys(sample_prompts(max(50 * n, 1000), seed=seed)))[:n]
 
 
 def _fid_batches(loaded, prompts: list[str], n: int, seed: int, batch_size: int):

@@ -12,6 +12,7 @@ One training iteration = ``n_critic`` discriminator steps and one generator step
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -25,6 +26,7 @@ import torch
 from . import checkpoint as ckpt_lib
 from . import distributed as dist_lib
 from . import runlock, variants
+from .data.shapes import default_cache_dir
 from .grid import make_grid, save_grid
 from .progress import Progress, format_seconds
 
@@ -264,10 +266,6 @@ def _validate(a) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-class _Stop(Exception):
-    pass
-
-
 class DataError(RuntimeError):
     """The training data cannot be used; the message names the source or file and the problem."""
 
@@ -319,7 +317,7 @@ class Trainer:
         self.step, self.images_seen = 0, 0
         # Fixed prompts × fixed noise for the sample grids (independent of the training RNG).
         gen = torch.Generator().manual_seed(args.seed + 12345)
-        prompts = _distinct(self.loader.captions)[: args.sample_prompts]
+        prompts = list(dict.fromkeys(self.loader.captions))[: args.sample_prompts]
         self.sample_prompts = prompts
         idx = [self.loader.captions.index(p) for p in prompts]
         self.sample_s = self.text_emb[idx].repeat_interleave(args.sample_noise, 0)
@@ -328,8 +326,8 @@ class Trainer:
 
     # -- setup helpers ----------------------------------------------------------------------------
     def _cache_dir(self) -> str:
-        return self.args.cache_dir or os.environ.get("SCADFAST_CACHE") or os.path.join(
-            os.path.expanduser("~"), ".cache", "scadfast")
+        """``--cache-dir``, else ``$SCADFAST_CACHE``, else ``~/.cache/scadfast`` (``~`` expanded)."""
+        return os.path.expanduser(self.args.cache_dir) if self.args.cache_dir else str(default_cache_dir())
 
     def _make_loader(self):
         from .data import make_loader
@@ -654,78 +652,110 @@ class Trainer:
             self._close_run_dir()
 
     def _run(self) -> dict:
-        a = self.args
+        resumed_from = self._begin()
+        progress = Progress(self.args.steps, self.step, os.path.join(self.out, "tb"), enabled=self.is_main)
+        self._print_banner(resumed_from)
+        t0, start_images = time.perf_counter(), self.images_seen
+        try:
+            with self._stop_signals():
+                last = self._loop(progress)
+        finally:
+            self._optional("closing TensorBoard", progress.close)
+        wall = time.perf_counter() - t0
+        summary = self._summary(progress, last, wall, start_images)
+        if self.is_main:
+            self._write_summary(summary, last, wall)
+        return summary
+
+    def _begin(self) -> str | None:
+        """Resume from the newest checkpoint of ``--out`` (``--resume``) or refuse a run directory that
+        already has checkpoints; write ``config.json``. Returns the checkpoint resumed from."""
         resumed_from = None
-        if a.resume:
+        if self.args.resume:
             resumed_from = self._resume()
         elif self.is_main and ckpt_lib.latest(self.out):
             raise SystemExit(f"error: {self.out} already has checkpoints; pass --resume to continue it "
                              f"or choose another --out")
         if self.is_main:
             self._write_config()
-        progress = Progress(a.steps, self.step, os.path.join(self.out, "tb"), enabled=self.is_main)
-        if self.is_main:
-            print(f"[scadfast] {a.variant} on {self.device} ×{self.dist.world_size} | {self.precision} | "
-                  f"compile={self.compile} | impl={a.impl} | image {self.image_size}px | batch {a.batch_size}"
-                  f"/process | data {a.data} ({len(self.loader.captions)} captions) | CLIP {a.clip} | "
-                  f"out {self.out}" + (f" | resumed from {resumed_from} at step {self.step}" if resumed_from else ""),
-                  file=sys.stderr, flush=True)
-        # SIGTERM (a scheduler's pre-emption, torchrun's shutdown) and SIGINT (Ctrl-C): finish the
-        # step, checkpoint, exit with 128 + the signal number (main()).
-        old = {s: signal.signal(s, self.request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-        t0, start_images, last = time.perf_counter(), self.images_seen, {}
-        batches = self._batches()
-        from .data.dali import DataDecodeError
+        return resumed_from
 
-        if self.evaluator is not None and self.step == 0:
-            self._optional("learning-curve snapshot", self.snapshot, progress)  # the curve starts at initialisation
+    def _print_banner(self, resumed_from: str | None) -> None:
+        if not self.is_main:
+            return
+        a = self.args
+        print(f"[scadfast] {a.variant} on {self.device} ×{self.dist.world_size} | {self.precision} | "
+              f"compile={self.compile} | impl={a.impl} | image {self.image_size}px | batch {a.batch_size}"
+              f"/process | data {a.data} ({len(self.loader.captions)} captions) | CLIP {a.clip} | "
+              f"out {self.out}" + (f" | resumed from {resumed_from} at step {self.step}" if resumed_from else ""),
+              file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def _stop_signals(self):
+        """While training, SIGTERM (a scheduler's pre-emption, torchrun's shutdown) and SIGINT (Ctrl-C)
+        ask the loop to finish the step, checkpoint and stop; ``main()`` then exits with 128 + the
+        signal number. The previous handlers come back afterwards."""
+        old = {s: signal.signal(s, self.request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
-            while self.step < a.steps:
-                seen = self.images_seen
-                try:
-                    stats = self.train_step(batches)
-                except DataDecodeError as e:
-                    raise DataError(f"{e}; {self._checkpoint_before_data_stop(seen)}") from None
-                self.step += 1
-                vals = self._step_boundary(stats, progress)
-                if vals is not None:
-                    last = vals
-                if self._stop_requested:
-                    if self._last_ckpt_step != self.step:  # the signal came after this step's boundary
-                        self.save()
-                    raise _Stop()
-        except _Stop:
-            if self.is_main:
-                print(f"[scadfast] stopped by {signal.Signals(self.stop_signal).name} at step {self.step}; "
-                      f"checkpoint {self._last_ckpt} written", file=sys.stderr, flush=True)
+            yield
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
-            self._optional("closing TensorBoard", progress.close)
-        wall = time.perf_counter() - t0
+
+    def _loop(self, progress: Progress) -> dict:
+        """Train until ``--steps`` or a stop signal (checkpointing before stopping); returns the loss
+        values last synced at a step boundary."""
+        from .data.dali import DataDecodeError
+
+        batches, last = self._batches(), {}
+        if self.evaluator is not None and self.step == 0:
+            self._optional("learning-curve snapshot", self.snapshot, progress)  # the curve starts at initialisation
+        while self.step < self.args.steps:
+            seen = self.images_seen
+            try:
+                stats = self.train_step(batches)
+            except DataDecodeError as e:
+                raise DataError(f"{e}; {self._checkpoint_before_data_stop(seen)}") from None
+            self.step += 1
+            vals = self._step_boundary(stats, progress)
+            if vals is not None:
+                last = vals
+            if self._stop_requested:
+                if self._last_ckpt_step != self.step:  # the signal came after this step's boundary
+                    self.save()
+                if self.is_main:
+                    print(f"[scadfast] stopped by {signal.Signals(self.stop_signal).name} at step {self.step}; "
+                          f"checkpoint {self._last_ckpt} written", file=sys.stderr, flush=True)
+                break
+        return last
+
+    def _summary(self, progress: Progress, last: dict, wall: float, start_images: int) -> dict:
+        """What ``summary.json`` holds: steps, speed, where the checkpoint and samples are, the last
+        losses and (with learning curves) the last snapshot and the curves plot."""
         curves_png = self._optional("curves plot", self.plot_curves) if self.is_main else None
-        ckpt = self._existing(ckpt_lib.LATEST)
-        samples = self._existing("samples", "latest.png")
         summary = {
-            "variant": a.variant, "steps": self.step, "images_seen": self.images_seen,
+            "variant": self.args.variant, "steps": self.step, "images_seen": self.images_seen,
             "wall_s": round(wall, 2), "images_per_s": round((self.images_seen - start_images) / max(wall, 1e-9), 2),
             "device": str(self.device), "world_size": self.dist.world_size, "run_dir": self.out,
-            "checkpoint": ckpt, "samples": samples, **{k: round(v, 4) for k, v in last.items()},
+            "checkpoint": self._existing(ckpt_lib.LATEST), "samples": self._existing("samples", "latest.png"),
+            **{k: round(v, 4) for k, v in last.items()},
         }
         if progress.latest_metrics:
             summary["eval"] = progress.latest_metrics
             summary["curves"] = curves_png
         if self.stop_signal is not None:
             summary["stopped_by"] = signal.Signals(self.stop_signal).name
-        if self.is_main:
-            with open(os.path.join(self.out, "summary.json"), "w") as f:
-                json.dump(summary, f, indent=2)
-            losses = (f" | d_loss={last['d_loss']:.4g} g_loss={last['g_loss']:.4g}"
-                      if "d_loss" in last and "g_loss" in last else "")
-            print(f"[scadfast] done: {a.variant} {self.step} steps in {format_seconds(wall)} "
-                  f"({summary['images_per_s']} img/s){losses}" + (f" | samples {samples}" if samples else "")
-                  + (f" | checkpoint {ckpt}" if ckpt else " | no checkpoint written"), file=sys.stderr, flush=True)
         return summary
+
+    def _write_summary(self, summary: dict, last: dict, wall: float) -> None:
+        with open(os.path.join(self.out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        ckpt, samples = summary["checkpoint"], summary["samples"]
+        losses = (f" | d_loss={last['d_loss']:.4g} g_loss={last['g_loss']:.4g}"
+                  if "d_loss" in last and "g_loss" in last else "")
+        print(f"[scadfast] done: {summary['variant']} {self.step} steps in {format_seconds(wall)} "
+              f"({summary['images_per_s']} img/s){losses}" + (f" | samples {samples}" if samples else "")
+              + (f" | checkpoint {ckpt}" if ckpt else " | no checkpoint written"), file=sys.stderr, flush=True)
 
 
 def open_run_dir(out: str) -> runlock.RunLock:
@@ -750,15 +780,6 @@ def open_run_dir(out: str) -> runlock.RunLock:
         print(f"[scadfast] removed {len(removed)} stale temporary file(s) of an interrupted save: "
               f"{', '.join(os.path.basename(r) for r in removed[:3])}", file=sys.stderr, flush=True)
     return lock
-
-
-def _distinct(items):
-    seen, out = set(), []
-    for x in items:
-        if x not in seen:
-            seen.add(x)
-            out.append(x)
-    return out
 
 
 def _remove_if_unused(out: str) -> None:
