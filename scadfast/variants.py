@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 
 @dataclass
@@ -89,15 +90,6 @@ def get(name: str, **overrides) -> VariantConfig:
     return _PRESETS[name].replace(**overrides)
 
 
-try:  # typing only
-    from typing import Protocol, runtime_checkable
-except ImportError:  # pragma: no cover
-    Protocol = object
-
-    def runtime_checkable(c):
-        return c
-
-
 @runtime_checkable
 class GANPair(Protocol):
     """Structural type of a built model pair (see the module docstring for the contract)."""
@@ -121,9 +113,8 @@ def build(cfg: VariantConfig, clip, img_size: int | None = None, **kwargs) -> GA
     ``"galip"`` → :class:`scadfast.models.galip.GALIPFamily` (``galip``, ``scad``, ``scad_mi``,
     ``scad_dd`` and any switch combination); ``"ms_clip_gan"`` →
     :func:`scadfast.models.ms_clip_gan.build_ms_clip_gan` (imported lazily). ``img_size`` (default:
-    the CLIP image size) and ``kwargs`` (e.g. ``sn_impl`` for GALIPFamily) are forwarded when the
-    builder accepts them; MS-CLIP-GAN has fixed stage sizes and ignores ``img_size`` if it does not
-    take one.
+    the CLIP image size) and ``kwargs`` (e.g. ``sn_impl``) go to the builder, which rejects keywords
+    it does not know with a ``TypeError``.
     """
     if not isinstance(cfg, VariantConfig):
         raise TypeError(f"build: cfg must be a VariantConfig, got {type(cfg).__name__}")
@@ -132,16 +123,7 @@ def build(cfg: VariantConfig, clip, img_size: int | None = None, **kwargs) -> GA
 
         return GALIPFamily(cfg, clip, img_size=img_size, **kwargs)
     if cfg.arch == "ms_clip_gan":
-        import inspect
-
         from .models.ms_clip_gan import build_ms_clip_gan
 
-        params = inspect.signature(build_ms_clip_gan).parameters
-        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        if img_size is not None and (takes_any or "img_size" in params):
-            kwargs["img_size"] = img_size
-        unknown = [k for k in kwargs if k not in params and not takes_any]
-        if unknown:
-            raise TypeError(f"build: build_ms_clip_gan does not accept {unknown}")
-        return build_ms_clip_gan(cfg, clip, **kwargs)
+        return build_ms_clip_gan(cfg, clip, img_size=img_size, **kwargs)
     raise ValueError(f"build: unknown cfg.arch {cfg.arch!r}; expected 'galip' or 'ms_clip_gan'")
