@@ -113,7 +113,7 @@ def _fid_batches(loaded, prompts: list[str], n: int, seed: int, batch_size: int)
 
 
 def run(a) -> dict:
-    from . import pretrained
+    from . import runs
     from .data import shapes as shp
     from .metrics import features, fid as fid_lib
 
@@ -128,7 +128,7 @@ def run(a) -> dict:
     # Fail fast on missing standard Inception weights, before any generation.
     inception = fid_lib.InceptionFeatures(a.inception_weights, a.device) if "fid" in metrics else None
 
-    loaded = pretrained.load(a.ckpt, a.device, a.clip_pretrained)  # FrozenCLIP resolves the 'shapes' tag
+    loaded = runs.load(a.ckpt, a.device, a.clip_pretrained)  # FrozenCLIP resolves the 'shapes' tag
     train_label = f"training CLIP {loaded.clip.name}:{loaded.state['clip'].get('pretrained')}"
     if a.eval_clip:
         from .metrics.clip_score import load_eval_clip

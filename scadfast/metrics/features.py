@@ -4,7 +4,7 @@ Every metric consumes images **batch by batch** — never a list of all images �
 [-1, 1], shape (B, 3, H, W). Sources:
 
 * :func:`iter_image_files` — image files on disk (a shapes set, a folder), decoded with PIL;
-* :func:`iter_generated` — a trained generator (``Loaded`` from :mod:`scadfast.pretrained`) on a list
+* :func:`iter_generated` — a trained generator (``Loaded`` from :mod:`scadfast.runs`) on a list
   of prompts, with reproducible per-image noise.
 
 :class:`RunningMoments` accumulates the mean and covariance of feature vectors in float64 without
