@@ -231,7 +231,7 @@ def _fmt(s: float) -> str:
     return f"{s // 60:02d}:{s % 60:02d}"
 
 
-def pretrain(out: str, n: int = 16000, heldout: int = 1000, steps: int = 1200, batch_size: int = 128,
+def pretrain(out: str, n: int = shp.PRETRAIN_SET_SIZE, heldout: int = 1000, steps: int = 1200, batch_size: int = 128,
              lr: float = 1e-3, weight_decay: float = 0.1, warmup: float = 0.05, mention_prob: float = 0.5,
              time_budget: float = 570.0, seed: int = 0, data_root: Optional[str] = None,
              device: Optional[str] = None, threads: Optional[int] = None, log_every: int = 10,
@@ -340,7 +340,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=str(shp.default_cache_dir() / SHIPPED_FILE),
                    help="checkpoint to write (the shipped file is scadfast/assets/" + SHIPPED_FILE + ")")
-    p.add_argument("--n", type=int, default=16000, help="training images")
+    p.add_argument("--n", type=int, default=shp.PRETRAIN_SET_SIZE, help="training images")
     p.add_argument("--heldout", type=int, default=1000, help="held-out images for the retrieval report")
     p.add_argument("--steps", type=int, default=1200, help="maximum optimisation steps")
     p.add_argument("--time-budget", type=float, default=570.0, help="maximum training wall time in seconds")

@@ -43,7 +43,7 @@ __all__ = ["ShapesClassifier", "CLASSIFIER_VERSION", "SHIPPED_FILE", "DEFAULT_PA
 CLASSIFIER_VERSION = 2
 SHIPPED_FILE = "shapes-classifier.pt"
 #: Data/training parameters of the shipped classifier (and the defaults of :func:`load_or_train`).
-DEFAULT_PARAMS = {"n": 16000, "image_size": 64, "seed": 0, "epochs": 10, "batch_size": 128, "lr": 2e-3}
+DEFAULT_PARAMS = {"n": shp.PRETRAIN_SET_SIZE, "image_size": 64, "seed": 0, "epochs": 10, "batch_size": 128, "lr": 2e-3}
 _INPUT = 64
 
 

@@ -26,7 +26,7 @@ import torch
 from . import checkpoint as ckpt_lib
 from . import distributed as dist_lib
 from . import runlock, variants
-from .data.shapes import default_cache_dir
+from .data.shapes import GAN_TRAIN_SET_SIZE, default_cache_dir
 from .grid import make_grid, save_grid
 from .progress import Progress, format_seconds
 
@@ -36,7 +36,7 @@ _MS_ONLY = ("cond_aug", "ca_mode", "kl_weight", "label_smoothing", "use_uncond_l
 
 # Defaults of the engine (flags override, a --config file sits in between).
 DEFAULTS = dict(
-    data="shapes", shapes_n=2000, clip="scadfast-tiny", clip_pretrained=None, image_size=None,
+    data="shapes", shapes_n=GAN_TRAIN_SET_SIZE, clip="scadfast-tiny", clip_pretrained=None, image_size=None,
     batch_size=16, steps=600, precision=None, compile=None, impl="auto", seed=0, out=None,
     resume=False, log_every=25, sample_every=200, ckpt_every=200, keep_ckpts=3, device=None,
     cache_dir=None, sample_prompts=8, sample_noise=8, check_images=False, eval_every=0, eval_prompts=16,
@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="EMA half-life at most this fraction of the images seen so far (StyleGAN's ramp-up); 0 = off")
     g = p.add_argument_group("data and CLIP")
     g.add_argument("--data", default=S, help="shapes | coco:PATH | folder:PATH | wds:PATTERN (default shapes)")
-    g.add_argument("--shapes-n", type=int, default=S, help="images in the generated shapes set (default 2000)")
+    g.add_argument("--shapes-n", type=int, default=S,
+                   help=f"images in the generated shapes set (default {GAN_TRAIN_SET_SIZE})")
     g.add_argument("--cache-dir", default=S, help="data / embedding cache (default $SCADFAST_CACHE or ~/.cache/scadfast)")
     g.add_argument("--clip", default=S, help="open_clip model name (default scadfast-tiny, the embedded CLIP)")
     g.add_argument("--clip-pretrained", default=S,
