@@ -158,7 +158,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         merged["clip_pretrained"] = None
     if merged["clip"] == "scadfast-tiny":
         # The embedded default is sized for a 2-core CPU: half-width networks and 600 steps of 16 images
-        # at 64 px; measured on the idle 2-core CI machine, scad_mi took 13 min 53 s (11.6 img/s).
+        # at 64 px (its measured wall time is in the README, "Two commands on a fresh machine").
         switches.setdefault("ngf", 32)
         switches.setdefault("ndf", 32)
         for k, v in EMBEDDED.items():
