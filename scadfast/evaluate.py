@@ -1,4 +1,4 @@
-"""Evaluate a trained checkpoint: FID, CLIP score, PPD/mPPD and the shapes ground-truth metrics (SPEC §9).
+"""Evaluate a trained checkpoint: FID, CLIP score, PPD/mPPD and the shapes ground-truth metrics (docs/design.md §9).
 
     python -m scadfast.evaluate --ckpt RUN/ckpt.pt --metrics fid,clip_score,ppd,shapes \\
         [--n-per-prompt N] [--prompts FILE] [--inception-weights PATH] [--dinov2 PATH] \\

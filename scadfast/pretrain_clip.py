@@ -1,4 +1,4 @@
-"""Contrastive pretraining of the embedded CLIP (``scadfast-tiny``) on the shapes data set (SPEC §3, §8).
+"""Contrastive pretraining of the embedded CLIP (``scadfast-tiny``) on the shapes data set (docs/design.md §3, §8).
 
     python -m scadfast.pretrain_clip [--n 16000] [--steps 1200] [--time-budget 570] [--out PATH]
 

@@ -1,4 +1,4 @@
-"""The shapes ground-truth attribute classifier (SPEC §9): a small CNN with one softmax head per attribute.
+"""The shapes ground-truth attribute classifier (docs/design.md §9): a small CNN with one softmax head per attribute.
 
     python -m scadfast.shapes_classifier [--n 16000] [--epochs 10] [--device cuda]
 

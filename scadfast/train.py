@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     S = argparse.SUPPRESS  # unset flags stay absent so the config file / presets can fill them
     g = p.add_argument_group("run")
-    g.add_argument("--variant", required=True, choices=variants.names(), help="preset of switches (SPEC §2)")
+    g.add_argument("--variant", required=True, choices=variants.names(), help="preset of switches (docs/design.md §2)")
     g.add_argument("--config", default=None, help="YAML file of flag values (keys = flag names); flags override it")
     g.add_argument("--out", default=S, help="run directory (default runs/<variant>-<time>)")
     g.add_argument("--resume", action="store_true", default=S, help="continue from the newest checkpoint in --out")

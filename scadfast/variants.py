@@ -1,4 +1,4 @@
-"""Variants: named presets of orthogonal switches (SPEC §2).
+"""Variants: named presets of orthogonal switches (docs/design.md §2).
 
 A variant is a :class:`VariantConfig`; every field is also a CLI flag of ``scadfast.train``
 (``--d-loss``, ``--fidelity``, ``--mi-weight``, ``--cond-aug/--no-cond-aug``, …), so a user can build
@@ -36,11 +36,11 @@ from typing import Protocol, runtime_checkable
 @dataclass
 class VariantConfig:
     name: str
-    # --- GALIP family (SPEC §4, §5) ---
+    # --- GALIP family (docs/design.md §4, §5) ---
     d_loss: str = "hinge"  # "hinge" | "san" (semantic head loss)
     fidelity: str = "none"  # "none" | "clip_patch" | "pixel_patchgan"
     fidelity_loss: str = "hinge"  # "hinge" | "san" (pixel_patchgan only: SAN with one global ω)
-    mi_weight: float = 0.0  # λ_MI; > 0 adds the Q(z|x) head (SPEC §5.7)
+    mi_weight: float = 0.0  # λ_MI; > 0 adds the Q(z|x) head (docs/design.md §5.7)
     mi_learn_sigma: bool = False
     clip_weight: float = 4.0  # λ_clip of the generator's CLIP-similarity term
     gp_weight: float = 2.0  # MA-GP k
@@ -50,7 +50,7 @@ class VariantConfig:
     z_dim: int = 100
     ngf: int = 64  # generator base width
     ndf: int = 64  # discriminator base width
-    # --- MS-CLIP-GAN (SPEC §6) ---
+    # --- MS-CLIP-GAN (docs/design.md §6) ---
     arch: str = "galip"  # "galip" | "ms_clip_gan"
     cond_aug: bool = False
     ca_mode: str = "glu"  # "glu" (v2) | "relu" (v1)
@@ -59,7 +59,7 @@ class VariantConfig:
     n_critic: int = 1  # D steps per G step
     label_smoothing: float = 0.0  # real target 1 - label_smoothing (MS-CLIP-GAN hinge: margin)
     use_uncond_loss: bool = True
-    # --- optimisation (SPEC §5.8) ---
+    # --- optimisation (docs/design.md §5.8) ---
     lr_g: float = 1e-4
     lr_d: float = 4e-4
     betas: tuple = (0.0, 0.9)

@@ -24,7 +24,7 @@ left"``, ``"an orange star on a noise background"``.
 and the mention mask is independent of the values, conditioning on a caption fixes the mentioned
 attributes and leaves every unmentioned attribute uniform over its full vocabulary, independently
 of the others. :func:`free_attributes` returns that distribution for any caption and
-:func:`sample_prompt_attrs` samples from it; the shapes metrics (SPEC §9) compare generated images
+:func:`sample_prompt_attrs` samples from it; the shapes metrics (docs/design.md §9) compare generated images
 against it.
 
 Nuisance variation that is *not* an attribute (so a caption can never pin it down): the shape's

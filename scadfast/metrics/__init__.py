@@ -1,4 +1,4 @@
-"""Evaluation metrics (SPEC §9): FID, CLIP score, PPD/mPPD and the shapes ground-truth metrics.
+"""Evaluation metrics (docs/design.md §9): FID, CLIP score, PPD/mPPD and the shapes ground-truth metrics.
 
 All metrics stream images batch by batch (nothing holds all images) and run batched on the GPU when
 there is one. ``python -m scadfast.evaluate`` is the command-line front end.

@@ -1,4 +1,4 @@
-"""CLIP score (SPEC §9): 100 × cosine similarity of image and text embeddings under a named CLIP.
+"""CLIP score (docs/design.md §9): 100 × cosine similarity of image and text embeddings under a named CLIP.
 
 For each image x generated for prompt p: ``100 · cos(E_img(x), E_txt(p))`` with the CLIP's pooled,
 projected image embedding and its sentence embedding (:class:`scadfast.models.clip.FrozenCLIP`).

@@ -1,4 +1,4 @@
-"""The frozen CLIP of the GALIP family (SPEC §3): text embeddings, D's image features, G's mapper.
+"""The frozen CLIP of the GALIP family (docs/design.md §3): text embeddings, D's image features, G's mapper.
 
 :class:`FrozenCLIP` wraps an ``open_clip`` ViT model and exposes exactly what the generator and the
 discriminators need. Every size (image size, patch grid ``g``, vision width, depth, embedding size,
@@ -34,7 +34,7 @@ from ..assets import asset_path
 
 TINY_NAME = "scadfast-tiny"
 
-# The embedded default (SPEC §3): small enough to train on a 2-core CPU.
+# The embedded default (docs/design.md §3): small enough to train on a 2-core CPU.
 TINY_CONFIG = {
     "embed_dim": 128,
     "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 128, "layers": 6, "head_width": 32},
@@ -323,7 +323,7 @@ class FrozenCLIP(nn.Module):
         return self.model.visual(self.to_clip_input(x).to(self.dtype))
 
     def mapper(self, feat1: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
-        """The generator's frozen CLIP mapper (SPEC §4.2).
+        """The generator's frozen CLIP mapper (docs/design.md §4.2).
 
         ``feat1`` (B, width, g, g) is used as the patch tokens (in place of ``conv1``'s output):
         prepend the class token, add the positional embedding, ``ln_pre``; then every block runs,

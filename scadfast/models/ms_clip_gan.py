@@ -1,4 +1,4 @@
-"""MS-CLIP-GAN: a StackGAN++-style three-stage text-to-image GAN with CLIP conditioning (SPEC §6).
+"""MS-CLIP-GAN: a StackGAN++-style three-stage text-to-image GAN with CLIP conditioning (docs/design.md §6).
 
 Build it with :func:`build_ms_clip_gan` ``(cfg, clip)``; the result follows the GANPair contract of
 :mod:`scadfast.variants` (``G``, ``D``, ``z_dim``, ``generate``, ``d_loss``, ``g_loss``).
@@ -20,8 +20,8 @@ Generator (``pair.G``)
     G0: ``[ĉ ‖ z]`` → Linear → (C0, k, k) → nearest-×2 up-blocks (conv3×3, BN, GLU) → S/4 feature map
     with ``ngf`` channels. G1 and G2 each tile ``ĉ`` over the previous feature map, join it
     (conv3×3, BN, GLU), apply two residual blocks and one up-block (channels halve: ``ngf/2``,
-    ``ngf/4``). Every stage has its own conv3×3 → RGB head. Outputs are unbounded by default (SPEC:
-    clamp to [-1, 1] only when saving); ``g_tanh=True`` adds the StackGAN++ tanh.
+    ``ngf/4``). Every stage has its own conv3×3 → RGB head. Outputs are unbounded by default
+    (docs/design.md §4: clamp to [-1, 1] only when saving); ``g_tanh=True`` adds the StackGAN++ tanh.
 
 Discriminators (``pair.D``, one per scale)
     Trunk: conv4×4 stride-2 down-blocks (LeakyReLU 0.2) from the stage size to k×k, then a conv3×3 to
