@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The one command for a GPU machine (issue 10, item 4): about 8 minutes on an H100/H200.
+# The one command for a GPU machine: install, the GPU tests and the benchmarks, within --budget
+# (the README's "Benchmarks" says how long it took).
 #
 #   bash bench/gpu_run.sh [--wheels DIR] [--results-dir DIR] [--budget SECONDS] [--skip-install]
 #   bash bench/gpu_run.sh --cpu-dry-run [--results-dir DIR]

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Microbenchmarks of scadfast's fused ops (SPEC §10).
+"""Microbenchmarks of scadfast's fused ops (docs/design.md §10).
 
     python bench/kernels.py [--ops OP ...] [--quick] [--out FILE.json] [--dtype fp32|fp16|bf16]
                             [--providers eager compiled fused] [--modes fwd fwd+bwd] [--no-flush]
@@ -487,7 +487,7 @@ def _bytes(case: Case, args, mode, out_tensors, grads) -> int:
 
 def run(argv=None) -> int:
     _refuse_interpreter()
-    p = argparse.ArgumentParser(description="scadfast fused-op microbenchmarks (SPEC §10)")
+    p = argparse.ArgumentParser(description="scadfast fused-op microbenchmarks (docs/design.md §10)")
     p.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS), metavar="OP",
                    help=f"ops to run (default all): {' '.join(OPS)}")
     p.add_argument("--quick", action="store_true", help="few repetitions and a short sweep (a smoke run)")

@@ -312,7 +312,7 @@ def model_cases(data: dict, op: str, clip: str = "ViT-B-32") -> list[dict]:
 
 def sn_weights(data: dict, clip: str = "ViT-B-32", variant_set=("scad", "scad_mi", "scad_dd")) -> list[tuple[str, tuple[int, int]]]:
     """``[(name, (rows, cols))]`` of every distinct SN matrix of the given variants' models at ``clip``
-    (default: the SCAD discriminators, SPEC §10), named after a module that holds it."""
+    (default: the SCAD discriminators, docs/design.md §10), named after a module that holds it."""
     rows = []
     for e in model_cases(data, "spectral_norm", clip):
         vs = [v for v in e["variants"] if v in variant_set] if variant_set else e["variants"]

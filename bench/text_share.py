@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     p.add_argument("--ckpt", action="append", default=[], help="trained run directory or checkpoint (repeatable)")
     p.add_argument("--out", default=None, help="JSON report")
     a = p.parse_args(argv)
-    from scadfast import pretrained, variants
+    from scadfast import runs, variants
     from scadfast.data.shapes import sample_prompts
     from scadfast.models.clip import FrozenCLIP
 
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
             key = f"{mode} (v{1 if mode == 'relu' else 2}), s {'·√d_txt' if scaled else 'unit-norm'}"
             report["init"][key] = pair.text_share(s)
     for ck in a.ckpt:
-        loaded = pretrained.load(ck, "cpu")
+        loaded = runs.load(ck, "cpu")
         cfg = loaded.pair.cfg
         report["trained"][ck] = {"step": loaded.state.get("step"), "ca_mode": cfg.ca_mode, "kl_weight": cfg.kl_weight,
                                  "text_share": loaded.pair.text_share(loaded.embed(caps))}

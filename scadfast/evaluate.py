@@ -1,5 +1,5 @@
 """Evaluate a trained checkpoint: FID / zFID, KID, precision-recall, CLIP score, PPD/mPPD and the shapes
-ground-truth metrics (SPEC §9).
+ground-truth metrics (docs/design.md §9).
 
     python -m scadfast.evaluate --ckpt RUN/ckpt.pt --metrics fid,kid,pr,clip_score,ppd,shapes \\
         [--ref coco:ROOT | --ref DIR] [--ref-stats FILE.npz] [--save-stats FILE.npz] [--fid-n N] \\
@@ -142,14 +142,7 @@ def _read_prompts(path: str) -> list[str]:
 def _default_prompts(n: int, seed: int) -> list[str]:
     from .data.shapes import sample_prompts
 
-    out, seen = [], set()
-    for p in sample_prompts(max(50 * n, 1000), seed=seed):
-        if p not in seen:
-            seen.add(p)
-            out.append(p)
-            if len(out) == n:
-                break
-    return out
+    return list(dict.fromkeys(sample_prompts(max(50 * n, 1000), seed=seed)))[:n]
 
 
 def _stream_batches(loaded, prompts: list[str], n: int, seed: int, batch_size: int):
@@ -205,7 +198,7 @@ def _reference_set(a, loaded, metrics, n_img, cache_dir):
 
 
 def run(a) -> dict:
-    from . import pretrained
+    from . import runs
     from .data import shapes as shp
     from .metrics import features, fid as fid_lib
 
@@ -225,7 +218,7 @@ def run(a) -> dict:
     # Fail fast on missing standard Inception weights, before any generation.
     inception = fid_lib.InceptionFeatures(a.inception_weights, a.device) if image_metrics else None
 
-    loaded = pretrained.load(a.ckpt, a.device, a.clip_pretrained)  # FrozenCLIP resolves the 'shapes' tag
+    loaded = runs.load(a.ckpt, a.device, a.clip_pretrained)  # FrozenCLIP resolves the 'shapes' tag
     train_label = f"training CLIP {loaded.clip.name}:{loaded.state['clip'].get('pretrained')}"
     if a.eval_clip:
         from .metrics.clip_score import load_eval_clip

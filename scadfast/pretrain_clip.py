@@ -1,4 +1,4 @@
-"""Contrastive pretraining of the embedded CLIP (``scadfast-tiny``) on the shapes data set (SPEC §3, §8).
+"""Contrastive pretraining of the embedded CLIP (``scadfast-tiny``) on the shapes data set (docs/design.md §3, §8).
 
     python -m scadfast.pretrain_clip [--n 16000] [--steps 1200] [--time-budget 570] [--out PATH]
 
@@ -29,17 +29,14 @@ anneals fully whether the step budget or the wall-clock budget runs out first.
 
 The shipped weights
 -------------------
-``scadfast/assets/scadfast-tiny-shapes.pt`` (16 MiB, fp16, full open_clip vocabulary) is the result
-of one run of this module on one H100 GPU: ``--device cuda --batch-size 256 --steps 5000
---time-budget 250`` (3 959 steps in 250 s); held-out top-1 caption retrieval 0.79 among 737
-distinct captions (chance 0.008), zero-shot colour/size/position/background ≈ 1.0, shape 0.80.
-Its arguments and metrics are stored in the file's ``meta`` and in ``scadfast-tiny-shapes.json``
-beside it. On a 2-core CPU shared with other jobs one step of batch 128 took 6–9 s, so the
-default 570 s budget reaches only ~95 steps there (near-chance retrieval): retrain on a GPU.
-The default ``--out`` is the cache directory; pass ``--out scadfast/assets/scadfast-tiny-shapes.pt``
-to replace the shipped file.
-:func:`shipped_weights_path` returns it; ``resolve_pretrained("shapes")`` maps the tag ``"shapes"``
-to it. ``FrozenCLIP("scadfast-tiny", pretrained=None)`` stays a random initialisation.
+``scadfast/assets/scadfast-tiny-shapes.pt`` (fp16, full open_clip vocabulary) is the result of one
+run of this module on a GPU; the arguments of that run and its held-out retrieval scores are stored in
+the file's ``meta`` and in ``scadfast-tiny-shapes.json`` beside it (README, "Usage", quotes them).
+On a small CPU a step of batch 128 takes seconds, so the wall-clock budget ends training long before
+the retrieval is useful: retrain on a GPU. The default ``--out`` is the cache directory; pass
+``--out scadfast/assets/scadfast-tiny-shapes.pt`` to replace the shipped file.
+:func:`scadfast.models.clip.shipped_weights_path` returns it, and ``FrozenCLIP`` maps the tag
+``"shapes"`` to it. ``FrozenCLIP("scadfast-tiny", pretrained=None)`` stays a random initialisation.
 """
 
 from __future__ import annotations
@@ -50,7 +47,6 @@ import math
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -58,12 +54,9 @@ import torch
 import torch.nn.functional as F
 
 from .data import shapes as shp
+from .models.clip import _OPENAI_MEAN, _OPENAI_STD, SHIPPED_FILE, TINY_NAME, register_tiny_config
 
 __all__ = [
-    "SHIPPED_TAG",
-    "SHIPPED_FILE",
-    "shipped_weights_path",
-    "resolve_pretrained",
     "load_shapes_images",
     "attribute_matrix",
     "caption_spec_matrix",
@@ -74,39 +67,14 @@ __all__ = [
     "main",
 ]
 
-#: The tag that names the shipped shapes-pretrained weights of ``scadfast-tiny``.
-SHIPPED_TAG = "shapes"
-#: File name of the shipped weights inside ``scadfast/assets``.
-SHIPPED_FILE = "scadfast-tiny-shapes.pt"
-
-_ASSETS = Path(__file__).resolve().parent / "assets"
 _ATTR_INDEX = {a: {v: i for i, v in enumerate(shp.ATTRIBUTES[a])} for a in shp.ATTRIBUTE_NAMES}
 
 
-def shipped_weights_path() -> str:
-    """Absolute path of the shipped shapes-pretrained ``scadfast-tiny`` weights.
-
-    Raises ``FileNotFoundError`` (saying how to rebuild them) if the file is missing from the install.
-    """
-    p = _ASSETS / SHIPPED_FILE
-    if not p.is_file():
-        raise FileNotFoundError(
-            f"the shipped scadfast-tiny weights {p} are missing from this install; rebuild them with "
-            f"`python -m scadfast.pretrain_clip --out {p}`")
-    return str(p)
-
-
-def resolve_pretrained(name: str, pretrained: Optional[str]) -> Optional[str]:
-    """Map ``pretrained`` to what ``FrozenCLIP``/open_clip accept: the tag ``"shapes"`` of
-    ``scadfast-tiny`` → :func:`shipped_weights_path`; anything else (``None``, a path, an open_clip
-    tag) is returned unchanged."""
-    if pretrained == SHIPPED_TAG:
-        from .models.clip import TINY_NAME
-
-        if name != TINY_NAME:
-            raise ValueError(f"pretrained={SHIPPED_TAG!r} exists only for {TINY_NAME!r}, not for {name!r}")
-        return shipped_weights_path()
-    return pretrained
+def _mean_std(model, device):
+    """The image normalisation of open_clip ``model`` as (1, 3, 1, 1) tensors (OpenAI's when unset)."""
+    cfg = model.visual.preprocess_cfg
+    return tuple(torch.tensor(cfg.get(key, default), device=device).view(1, 3, 1, 1)
+                 for key, default in (("mean", _OPENAI_MEAN), ("std", _OPENAI_STD)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -203,8 +171,7 @@ def retrieval_metrics(model, tokenizer, images_u8: torch.Tensor, attrs_idx: torc
     """
     model.eval()
     dev = next(model.parameters()).device
-    mean = torch.tensor(model.visual.preprocess_cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)), device=dev).view(1, 3, 1, 1)
-    std = torch.tensor(model.visual.preprocess_cfg.get("std", (0.26862954, 0.26130258, 0.27577711)), device=dev).view(1, 3, 1, 1)
+    mean, std = _mean_std(model, dev)
     embs = []
     for i in range(0, len(images_u8), batch_size):
         x = _normalise(images_u8[i:i + batch_size].to(dev), mean, std)
@@ -264,7 +231,7 @@ def _fmt(s: float) -> str:
     return f"{s // 60:02d}:{s % 60:02d}"
 
 
-def pretrain(out: str, n: int = 16000, heldout: int = 1000, steps: int = 1200, batch_size: int = 128,
+def pretrain(out: str, n: int = shp.PRETRAIN_SET_SIZE, heldout: int = 1000, steps: int = 1200, batch_size: int = 128,
              lr: float = 1e-3, weight_decay: float = 0.1, warmup: float = 0.05, mention_prob: float = 0.5,
              time_budget: float = 570.0, seed: int = 0, data_root: Optional[str] = None,
              device: Optional[str] = None, threads: Optional[int] = None, log_every: int = 10,
@@ -277,8 +244,6 @@ def pretrain(out: str, n: int = 16000, heldout: int = 1000, steps: int = 1200, b
     retrieval). The time budget counts training steps only (not data generation or evaluation).
     """
     import open_clip
-
-    from .models.clip import TINY_NAME, register_tiny_config
 
     stream = stream or sys.stderr
     if threads:
@@ -300,8 +265,7 @@ def pretrain(out: str, n: int = 16000, heldout: int = 1000, steps: int = 1200, b
     h_imgs, h_attrs, h_rows = load_shapes_images(held_dir)
     print(f"[pretrain_clip] data ready in {time.perf_counter() - t0:.0f}s", file=stream, flush=True)
 
-    mean = torch.tensor(model.visual.preprocess_cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)), device=dev).view(1, 3, 1, 1)
-    std = torch.tensor(model.visual.preprocess_cfg.get("std", (0.26862954, 0.26130258, 0.27577711)), device=dev).view(1, 3, 1, 1)
+    mean, std = _mean_std(model, dev)
     opt = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -376,7 +340,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=str(shp.default_cache_dir() / SHIPPED_FILE),
                    help="checkpoint to write (the shipped file is scadfast/assets/" + SHIPPED_FILE + ")")
-    p.add_argument("--n", type=int, default=16000, help="training images")
+    p.add_argument("--n", type=int, default=shp.PRETRAIN_SET_SIZE, help="training images")
     p.add_argument("--heldout", type=int, default=1000, help="held-out images for the retrieval report")
     p.add_argument("--steps", type=int, default=1200, help="maximum optimisation steps")
     p.add_argument("--time-budget", type=float, default=570.0, help="maximum training wall time in seconds")

@@ -108,12 +108,12 @@ def main(argv=None) -> int:
     if why:  # checked before the checkpoint is loaded and anything is generated
         p.error(f"--out {a.out}: cannot write there: {why}")
 
-    from . import pretrained
+    from . import runs
     from .checkpoint import CheckpointError
     from .grid import save_grid
 
     try:
-        loaded = pretrained.load(a.ckpt, a.device, a.clip_pretrained)
+        loaded = runs.load(a.ckpt, a.device, a.clip_pretrained)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

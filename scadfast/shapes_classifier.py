@@ -1,4 +1,4 @@
-"""The shapes ground-truth attribute classifier (SPEC §9): a small CNN with one softmax head per attribute.
+"""The shapes ground-truth attribute classifier (docs/design.md §9): a small CNN with one softmax head per attribute.
 
     python -m scadfast.shapes_classifier [--n 16000] [--epochs 10] [--device cuda]
 
@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .assets import asset_path
 from .data import shapes as shp
 
 __all__ = ["ShapesClassifier", "CLASSIFIER_VERSION", "SHIPPED_FILE", "DEFAULT_PARAMS", "cache_key",
@@ -42,8 +43,7 @@ __all__ = ["ShapesClassifier", "CLASSIFIER_VERSION", "SHIPPED_FILE", "DEFAULT_PA
 CLASSIFIER_VERSION = 2
 SHIPPED_FILE = "shapes-classifier.pt"
 #: Data/training parameters of the shipped classifier (and the defaults of :func:`load_or_train`).
-DEFAULT_PARAMS = {"n": 16000, "image_size": 64, "seed": 0, "epochs": 10, "batch_size": 128, "lr": 2e-3}
-_ASSETS = Path(__file__).resolve().parent / "assets"
+DEFAULT_PARAMS = {"n": shp.PRETRAIN_SET_SIZE, "image_size": 64, "seed": 0, "epochs": 10, "batch_size": 128, "lr": 2e-3}
 _INPUT = 64
 
 
@@ -193,7 +193,9 @@ def load(path: str, device=None) -> ShapesClassifier:
 
 
 def shipped_path() -> str:
-    return str(_ASSETS / SHIPPED_FILE)
+    """The shipped classifier in ``scadfast/assets``; ``FileNotFoundError`` (saying how to rebuild it)
+    if it is missing from the install."""
+    return asset_path(SHIPPED_FILE, rebuild="python -m scadfast.shapes_classifier --out {path}")
 
 
 def load_or_train(n: int = DEFAULT_PARAMS["n"], image_size: int = DEFAULT_PARAMS["image_size"],
@@ -207,8 +209,9 @@ def load_or_train(n: int = DEFAULT_PARAMS["n"], image_size: int = DEFAULT_PARAMS
     parameters equal the ones they were trained with (their ``meta``).
     """
     params = {"n": n, "image_size": image_size, "seed": seed, "epochs": epochs, "batch_size": batch_size, "lr": lr}
-    if use_shipped and os.path.isfile(shipped_path()):
-        m = load(shipped_path(), device)
+    shipped = asset_path(SHIPPED_FILE)
+    if use_shipped and os.path.isfile(shipped):
+        m = load(shipped, device)
         if m.meta.get("params") == params and m.meta.get("shapes_version") == shp.SHAPES_VERSION:
             return m
     root = Path(cache_dir) if cache_dir else shp.default_cache_dir()

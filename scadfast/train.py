@@ -12,6 +12,7 @@ One training iteration = ``n_critic`` discriminator steps and one generator step
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -26,6 +27,7 @@ from . import checkpoint as ckpt_lib
 from . import distributed as dist_lib
 from . import runlock, variants
 from .cli import prog
+from .data.shapes import GAN_TRAIN_SET_SIZE, default_cache_dir
 from .grid import make_grid, save_grid
 from .models.text_cache import gather_rows
 from .progress import Progress, format_seconds
@@ -36,7 +38,7 @@ _MS_ONLY = ("cond_aug", "ca_mode", "kl_weight", "label_smoothing", "use_uncond_l
 
 # Defaults of the engine (flags override, a --config file sits in between).
 DEFAULTS = dict(
-    data="shapes", shapes_n=2000, clip="scadfast-tiny", clip_pretrained=None, image_size=None,
+    data="shapes", shapes_n=GAN_TRAIN_SET_SIZE, clip="scadfast-tiny", clip_pretrained=None, image_size=None,
     batch_size=16, steps=600, precision=None, compile=None, impl="auto", seed=0, out=None,
     resume=False, log_every=25, sample_every=200, ckpt_every=200, keep_ckpts=3, device=None,
     cache_dir=None, sample_prompts=8, sample_noise=8, check_images=False, eval_every=0, eval_prompts=16,
@@ -57,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     S = argparse.SUPPRESS  # unset flags stay absent so the config file / presets can fill them
     g = p.add_argument_group("run")
-    g.add_argument("--variant", required=True, choices=variants.names(), help="preset of switches (SPEC §2)")
+    g.add_argument("--variant", required=True, choices=variants.names(), help="preset of switches (docs/design.md §2)")
     g.add_argument("--config", default=None, help="YAML file of flag values (keys = flag names); flags override it")
     g.add_argument("--out", default=S, help="run directory (default runs/<variant>-<time>)")
     g.add_argument("--resume", action="store_true", default=S, help="continue from the newest checkpoint in --out")
@@ -94,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="EMA half-life at most this fraction of the images seen so far (StyleGAN's ramp-up); 0 = off")
     g = p.add_argument_group("data and CLIP")
     g.add_argument("--data", default=S, help="shapes | coco:PATH | folder:PATH | wds:PATTERN (default shapes)")
-    g.add_argument("--shapes-n", type=int, default=S, help="images in the generated shapes set (default 2000)")
+    g.add_argument("--shapes-n", type=int, default=S,
+                   help=f"images in the generated shapes set (default {GAN_TRAIN_SET_SIZE})")
     g.add_argument("--cache-dir", default=S, help="data / embedding cache (default $SCADFAST_CACHE or ~/.cache/scadfast)")
     g.add_argument("--clip", default=S, help="open_clip model name (default scadfast-tiny, the embedded CLIP)")
     g.add_argument("--clip-pretrained", default=S,
@@ -163,7 +166,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         merged["clip_pretrained"] = None
     if merged["clip"] == "scadfast-tiny":
         # The embedded default is sized for a 2-core CPU: half-width networks and 600 steps of 16 images
-        # at 64 px; measured on the idle 2-core CI machine, scad_mi took 13 min 53 s (11.6 img/s).
+        # at 64 px (its measured wall time is in the README, "Two commands on a fresh machine").
         switches.setdefault("ngf", 32)
         switches.setdefault("ndf", 32)
         for k, v in EMBEDDED.items():
@@ -272,10 +275,6 @@ def _validate(a) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-class _Stop(Exception):
-    pass
-
-
 class DataError(RuntimeError):
     """The training data cannot be used; the message names the source or file and the problem."""
 
@@ -334,7 +333,7 @@ class Trainer:
         self.step, self.images_seen = 0, 0
         # Fixed prompts × fixed noise for the sample grids (independent of the training RNG).
         gen = torch.Generator().manual_seed(args.seed + 12345)
-        prompts = _distinct(self.loader.captions)[: args.sample_prompts]
+        prompts = list(dict.fromkeys(self.loader.captions))[: args.sample_prompts]
         self.sample_prompts = prompts
         idx = [self.loader.captions.index(p) for p in prompts]
         self.sample_s = gather_rows(self.text_emb, torch.tensor(idx, dtype=torch.int64),
@@ -344,8 +343,8 @@ class Trainer:
 
     # -- setup helpers ----------------------------------------------------------------------------
     def _cache_dir(self) -> str:
-        return self.args.cache_dir or os.environ.get("SCADFAST_CACHE") or os.path.join(
-            os.path.expanduser("~"), ".cache", "scadfast")
+        """``--cache-dir``, else ``$SCADFAST_CACHE``, else ``~/.cache/scadfast`` (``~`` expanded)."""
+        return os.path.expanduser(self.args.cache_dir) if self.args.cache_dir else str(default_cache_dir())
 
     def _all_true(self, flag: bool) -> bool:
         return dist_lib.all_true(flag, self.dist)
@@ -675,78 +674,110 @@ class Trainer:
             self._close_run_dir()
 
     def _run(self) -> dict:
-        a = self.args
+        resumed_from = self._begin()
+        progress = Progress(self.args.steps, self.step, os.path.join(self.out, "tb"), enabled=self.is_main)
+        self._print_banner(resumed_from)
+        t0, start_images = time.perf_counter(), self.images_seen
+        try:
+            with self._stop_signals():
+                last = self._loop(progress)
+        finally:
+            self._optional("closing TensorBoard", progress.close)
+        wall = time.perf_counter() - t0
+        summary = self._summary(progress, last, wall, start_images)
+        if self.is_main:
+            self._write_summary(summary, last, wall)
+        return summary
+
+    def _begin(self) -> str | None:
+        """Resume from the newest checkpoint of ``--out`` (``--resume``) or refuse a run directory that
+        already has checkpoints; write ``config.json``. Returns the checkpoint resumed from."""
         resumed_from = None
-        if a.resume:
+        if self.args.resume:
             resumed_from = self._resume()
         elif self.is_main and ckpt_lib.latest(self.out):
             raise SystemExit(f"error: {self.out} already has checkpoints; pass --resume to continue it "
                              f"or choose another --out")
         if self.is_main:
             self._write_config()
-        progress = Progress(a.steps, self.step, os.path.join(self.out, "tb"), enabled=self.is_main)
-        if self.is_main:
-            print(f"[scadfast] {a.variant} on {self.device} ×{self.dist.world_size} | {self.precision} | "
-                  f"compile={self.compile} | impl={a.impl} | image {self.image_size}px | batch {a.batch_size}"
-                  f"/process | data {a.data} ({len(self.loader.captions)} captions) | CLIP {a.clip} | "
-                  f"out {self.out}" + (f" | resumed from {resumed_from} at step {self.step}" if resumed_from else ""),
-                  file=sys.stderr, flush=True)
-        # SIGTERM (a scheduler's pre-emption, torchrun's shutdown) and SIGINT (Ctrl-C): finish the
-        # step, checkpoint, exit with 128 + the signal number (main()).
-        old = {s: signal.signal(s, self.request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-        t0, start_images, last = time.perf_counter(), self.images_seen, {}
-        batches = self._batches()
-        from .data.dali import DataDecodeError
+        return resumed_from
 
-        if self.evaluator is not None and self.step == 0:
-            self._optional("learning-curve snapshot", self.snapshot, progress)  # the curve starts at initialisation
+    def _print_banner(self, resumed_from: str | None) -> None:
+        if not self.is_main:
+            return
+        a = self.args
+        print(f"[scadfast] {a.variant} on {self.device} ×{self.dist.world_size} | {self.precision} | "
+              f"compile={self.compile} | impl={a.impl} | image {self.image_size}px | batch {a.batch_size}"
+              f"/process | data {a.data} ({len(self.loader.captions)} captions) | CLIP {a.clip} | "
+              f"out {self.out}" + (f" | resumed from {resumed_from} at step {self.step}" if resumed_from else ""),
+              file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def _stop_signals(self):
+        """While training, SIGTERM (a scheduler's pre-emption, torchrun's shutdown) and SIGINT (Ctrl-C)
+        ask the loop to finish the step, checkpoint and stop; ``main()`` then exits with 128 + the
+        signal number. The previous handlers come back afterwards."""
+        old = {s: signal.signal(s, self.request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
-            while self.step < a.steps:
-                seen = self.images_seen
-                try:
-                    stats = self.train_step(batches)
-                except DataDecodeError as e:
-                    raise DataError(f"{e}; {self._checkpoint_before_data_stop(seen)}") from None
-                self.step += 1
-                vals = self._step_boundary(stats, progress)
-                if vals is not None:
-                    last = vals
-                if self._stop_requested:
-                    if self._last_ckpt_step != self.step:  # the signal came after this step's boundary
-                        self.save()
-                    raise _Stop()
-        except _Stop:
-            if self.is_main:
-                print(f"[scadfast] stopped by {signal.Signals(self.stop_signal).name} at step {self.step}; "
-                      f"checkpoint {self._last_ckpt} written", file=sys.stderr, flush=True)
+            yield
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
-            self._optional("closing TensorBoard", progress.close)
-        wall = time.perf_counter() - t0
+
+    def _loop(self, progress: Progress) -> dict:
+        """Train until ``--steps`` or a stop signal (checkpointing before stopping); returns the loss
+        values last synced at a step boundary."""
+        from .data.dali import DataDecodeError
+
+        batches, last = self._batches(), {}
+        if self.evaluator is not None and self.step == 0:
+            self._optional("learning-curve snapshot", self.snapshot, progress)  # the curve starts at initialisation
+        while self.step < self.args.steps:
+            seen = self.images_seen
+            try:
+                stats = self.train_step(batches)
+            except DataDecodeError as e:
+                raise DataError(f"{e}; {self._checkpoint_before_data_stop(seen)}") from None
+            self.step += 1
+            vals = self._step_boundary(stats, progress)
+            if vals is not None:
+                last = vals
+            if self._stop_requested:
+                if self._last_ckpt_step != self.step:  # the signal came after this step's boundary
+                    self.save()
+                if self.is_main:
+                    print(f"[scadfast] stopped by {signal.Signals(self.stop_signal).name} at step {self.step}; "
+                          f"checkpoint {self._last_ckpt} written", file=sys.stderr, flush=True)
+                break
+        return last
+
+    def _summary(self, progress: Progress, last: dict, wall: float, start_images: int) -> dict:
+        """What ``summary.json`` holds: steps, speed, where the checkpoint and samples are, the last
+        losses and (with learning curves) the last snapshot and the curves plot."""
         curves_png = self._optional("curves plot", self.plot_curves) if self.is_main else None
-        ckpt = self._existing(ckpt_lib.LATEST)
-        samples = self._existing("samples", "latest.png")
         summary = {
-            "variant": a.variant, "steps": self.step, "images_seen": self.images_seen,
+            "variant": self.args.variant, "steps": self.step, "images_seen": self.images_seen,
             "wall_s": round(wall, 2), "images_per_s": round((self.images_seen - start_images) / max(wall, 1e-9), 2),
             "device": str(self.device), "world_size": self.dist.world_size, "run_dir": self.out,
-            "checkpoint": ckpt, "samples": samples, **{k: round(v, 4) for k, v in last.items()},
+            "checkpoint": self._existing(ckpt_lib.LATEST), "samples": self._existing("samples", "latest.png"),
+            **{k: round(v, 4) for k, v in last.items()},
         }
         if progress.latest_metrics:
             summary["eval"] = progress.latest_metrics
             summary["curves"] = curves_png
         if self.stop_signal is not None:
             summary["stopped_by"] = signal.Signals(self.stop_signal).name
-        if self.is_main:
-            with open(os.path.join(self.out, "summary.json"), "w") as f:
-                json.dump(summary, f, indent=2)
-            losses = (f" | d_loss={last['d_loss']:.4g} g_loss={last['g_loss']:.4g}"
-                      if "d_loss" in last and "g_loss" in last else "")
-            print(f"[scadfast] done: {a.variant} {self.step} steps in {format_seconds(wall)} "
-                  f"({summary['images_per_s']} img/s){losses}" + (f" | samples {samples}" if samples else "")
-                  + (f" | checkpoint {ckpt}" if ckpt else " | no checkpoint written"), file=sys.stderr, flush=True)
         return summary
+
+    def _write_summary(self, summary: dict, last: dict, wall: float) -> None:
+        with open(os.path.join(self.out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        ckpt, samples = summary["checkpoint"], summary["samples"]
+        losses = (f" | d_loss={last['d_loss']:.4g} g_loss={last['g_loss']:.4g}"
+                  if "d_loss" in last and "g_loss" in last else "")
+        print(f"[scadfast] done: {summary['variant']} {self.step} steps in {format_seconds(wall)} "
+              f"({summary['images_per_s']} img/s){losses}" + (f" | samples {samples}" if samples else "")
+              + (f" | checkpoint {ckpt}" if ckpt else " | no checkpoint written"), file=sys.stderr, flush=True)
 
 
 def open_run_dir(out: str) -> runlock.RunLock:
@@ -771,15 +802,6 @@ def open_run_dir(out: str) -> runlock.RunLock:
         print(f"[scadfast] removed {len(removed)} stale temporary file(s) of an interrupted save: "
               f"{', '.join(os.path.basename(r) for r in removed[:3])}", file=sys.stderr, flush=True)
     return lock
-
-
-def _distinct(items):
-    seen, out = set(), []
-    for x in items:
-        if x not in seen:
-            seen.add(x)
-            out.append(x)
-    return out
 
 
 def _remove_if_unused(out: str) -> None:

@@ -1,4 +1,4 @@
-"""Variants: named presets of orthogonal switches (SPEC §2).
+"""Variants: named presets of orthogonal switches (docs/design.md §2).
 
 A variant is a :class:`VariantConfig`; every field is also a CLI flag of ``scadfast.train``
 (``--d-loss``, ``--fidelity``, ``--mi-weight``, ``--cond-aug/--no-cond-aug``, …), so a user can build
@@ -30,16 +30,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 
 @dataclass
 class VariantConfig:
     name: str
-    # --- GALIP family (SPEC §4, §5) ---
+    # --- GALIP family (docs/design.md §4, §5) ---
     d_loss: str = "hinge"  # "hinge" | "san" (semantic head loss)
     fidelity: str = "none"  # "none" | "clip_patch" | "pixel_patchgan"
     fidelity_loss: str = "hinge"  # "hinge" | "san" (pixel_patchgan only: SAN with one global ω)
-    mi_weight: float = 0.0  # λ_MI; > 0 adds the Q(z|x) head (SPEC §5.7)
+    mi_weight: float = 0.0  # λ_MI; > 0 adds the Q(z|x) head (docs/design.md §5.7)
     mi_learn_sigma: bool = False
     clip_weight: float = 4.0  # λ_clip of the generator's CLIP-similarity term
     gp_weight: float = 2.0  # MA-GP k
@@ -49,7 +50,7 @@ class VariantConfig:
     z_dim: int = 100
     ngf: int = 64  # generator base width
     ndf: int = 64  # discriminator base width
-    # --- MS-CLIP-GAN (SPEC §6) ---
+    # --- MS-CLIP-GAN (docs/design.md §6) ---
     arch: str = "galip"  # "galip" | "ms_clip_gan"
     cond_aug: bool = False
     ca_mode: str = "glu"  # "glu" (v2) | "relu" (v1)
@@ -58,7 +59,7 @@ class VariantConfig:
     n_critic: int = 1  # D steps per G step
     label_smoothing: float = 0.0  # real target 1 - label_smoothing (MS-CLIP-GAN hinge: margin)
     use_uncond_loss: bool = True
-    # --- optimisation (SPEC §5.8) ---
+    # --- optimisation (docs/design.md §5.8) ---
     lr_g: float = 1e-4
     lr_d: float = 4e-4
     betas: tuple = (0.0, 0.9)
@@ -89,15 +90,6 @@ def get(name: str, **overrides) -> VariantConfig:
     return _PRESETS[name].replace(**overrides)
 
 
-try:  # typing only
-    from typing import Protocol, runtime_checkable
-except ImportError:  # pragma: no cover
-    Protocol = object
-
-    def runtime_checkable(c):
-        return c
-
-
 @runtime_checkable
 class GANPair(Protocol):
     """Structural type of a built model pair (see the module docstring for the contract)."""
@@ -121,9 +113,8 @@ def build(cfg: VariantConfig, clip, img_size: int | None = None, **kwargs) -> GA
     ``"galip"`` → :class:`scadfast.models.galip.GALIPFamily` (``galip``, ``scad``, ``scad_mi``,
     ``scad_dd`` and any switch combination); ``"ms_clip_gan"`` →
     :func:`scadfast.models.ms_clip_gan.build_ms_clip_gan` (imported lazily). ``img_size`` (default:
-    the CLIP image size) and ``kwargs`` (e.g. ``sn_impl`` for GALIPFamily) are forwarded when the
-    builder accepts them; MS-CLIP-GAN has fixed stage sizes and ignores ``img_size`` if it does not
-    take one.
+    the CLIP image size) and ``kwargs`` (e.g. ``sn_impl``) go to the builder, which rejects keywords
+    it does not know with a ``TypeError``.
     """
     if not isinstance(cfg, VariantConfig):
         raise TypeError(f"build: cfg must be a VariantConfig, got {type(cfg).__name__}")
@@ -132,16 +123,7 @@ def build(cfg: VariantConfig, clip, img_size: int | None = None, **kwargs) -> GA
 
         return GALIPFamily(cfg, clip, img_size=img_size, **kwargs)
     if cfg.arch == "ms_clip_gan":
-        import inspect
-
         from .models.ms_clip_gan import build_ms_clip_gan
 
-        params = inspect.signature(build_ms_clip_gan).parameters
-        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        if img_size is not None and (takes_any or "img_size" in params):
-            kwargs["img_size"] = img_size
-        unknown = [k for k in kwargs if k not in params and not takes_any]
-        if unknown:
-            raise TypeError(f"build: build_ms_clip_gan does not accept {unknown}")
-        return build_ms_clip_gan(cfg, clip, **kwargs)
+        return build_ms_clip_gan(cfg, clip, img_size=img_size, **kwargs)
     raise ValueError(f"build: unknown cfg.arch {cfg.arch!r}; expected 'galip' or 'ms_clip_gan'")

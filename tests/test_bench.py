@@ -1,4 +1,4 @@
-"""Tests of the microbenchmark script ``bench/kernels.py`` (SPEC §10).
+"""Tests of the microbenchmark script ``bench/kernels.py`` (docs/design.md §10).
 
 The script runs in a subprocess WITHOUT ``TRITON_INTERPRET`` (conftest sets it for this process when
 there is no GPU; the benchmark must refuse to time under the interpreter).
@@ -63,7 +63,7 @@ def test_quick_run_writes_results(tmp_path):
     assert {r["op"] for r in rows} == {"patch_hinge_loss"}
     assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
     assert {r["kind"] for r in rows} == {"model", "sweep"}
-    # The model shape of SPEC §10 is there, with all three providers in both modes.
+    # The model shape of docs/design.md §10 is there, with all three providers in both modes.
     model = [r for r in rows if r["shape"] == "64x1x26x26"]
     assert {(r["mode"], r["provider"]) for r in model} == {
         (m, p) for m in ("fwd", "fwd+bwd") for p in ("eager", "compiled", "fused")

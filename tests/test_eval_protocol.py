@@ -241,7 +241,7 @@ def test_precision_recall_matches_torch_fidelity_and_extremes():
 # --- sample --per-image -----------------------------------------------------------------------------------
 
 def test_sample_per_image_files_match_generate(run_dir, tmp_path):  # noqa: F811
-    from scadfast import pretrained
+    from scadfast import runs
     from scadfast.grid import to_uint8
 
     out = tmp_path / "imgs"
@@ -249,7 +249,7 @@ def test_sample_per_image_files_match_generate(run_dir, tmp_path):  # noqa: F811
                         "--per-image", "--out", str(out), "--seed", "5", "--batch-size", "1", "--device", "cpu"]) == 0
     names = sorted(os.listdir(out))
     assert names == ["00000_00.png", "00000_01.png", "00001_00.png", "00001_01.png", "samples.json"]
-    want = to_uint8(sample.generate(pretrained.load(str(run_dir), "cpu"), ["a red circle", "a green star"], 2,
+    want = to_uint8(sample.generate(runs.load(str(run_dir), "cpu"), ["a red circle", "a green star"], 2,
                                     seed=5).flatten(0, 1))
     for k, name in enumerate(names[:4]):
         got = np.asarray(Image.open(out / name)).astype(int)

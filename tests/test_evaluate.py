@@ -16,8 +16,7 @@ from scadfast import evaluate, variants
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from scadfast.models.clip import FrozenCLIP
-    from scadfast.pretrain_clip import shipped_weights_path
+    from scadfast.models.clip import FrozenCLIP, shipped_weights_path
 
     d = tmp_path_factory.mktemp("run")
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""MS-CLIP-GAN (SPEC §6): shapes, losses, gradients, impl parity, KL, overfit — on the real tiny CLIP."""
+"""MS-CLIP-GAN (docs/design.md §6): shapes, losses, gradients, impl parity, KL, overfit — on the real tiny CLIP."""
 
 import math
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from scadfast import pretrain_clip as pc
 from scadfast.data import shapes as shp
+from scadfast.models.clip import resolve_pretrained, shipped_weights_path
 
 
 def test_multi_positive_loss_reduces_to_clip_loss():
@@ -31,11 +32,11 @@ def test_positive_mask_follows_caption_semantics():
 
 
 def test_resolve_pretrained():
-    assert pc.resolve_pretrained("scadfast-tiny", None) is None
-    assert pc.resolve_pretrained("scadfast-tiny", "/x/y.pt") == "/x/y.pt"
-    assert pc.resolve_pretrained("scadfast-tiny", "shapes") == pc.shipped_weights_path()
+    assert resolve_pretrained("scadfast-tiny", None) is None
+    assert resolve_pretrained("scadfast-tiny", "/x/y.pt") == "/x/y.pt"
+    assert resolve_pretrained("scadfast-tiny", "shapes") == shipped_weights_path()
     with pytest.raises(ValueError, match="only for"):
-        pc.resolve_pretrained("ViT-B-32", "shapes")
+        resolve_pretrained("ViT-B-32", "shapes")
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def heldout(tmp_path_factory):
 def test_shipped_weights_retrieve_heldout_captions(heldout):
     from scadfast.models.clip import FrozenCLIP
 
-    path = pc.shipped_weights_path()
+    path = shipped_weights_path()
     assert os.path.getsize(path) <= 20 * 2 ** 20
     clip = FrozenCLIP("scadfast-tiny", pretrained=path)
     rand = FrozenCLIP("scadfast-tiny", pretrained=None)
@@ -69,7 +70,7 @@ def test_shipped_weights_retrieve_heldout_captions(heldout):
 def test_frozenclip_embeddings_through_shipped_weights_match_the_task():
     from scadfast.models.clip import FrozenCLIP
 
-    clip = FrozenCLIP("scadfast-tiny", pretrained=pc.shipped_weights_path())
+    clip = FrozenCLIP("scadfast-tiny", pretrained=shipped_weights_path())
     a = {"shape": "circle", "color": "red", "size": "large", "position": "center", "background": "black"}
     x = torch.from_numpy(shp.render(a, 64)).permute(2, 0, 1)[None].float() / 127.5 - 1
     with torch.no_grad():

@@ -220,7 +220,7 @@ def test_pickle_payload_is_refused_without_running(run_dir, cache, tmp_path, mak
 def test_export_safetensors_is_loaded_by_sample_and_evaluate(run_dir, cache, tmp_path):
     from safetensors.torch import load_file
 
-    from scadfast import export, pretrained
+    from scadfast import export, runs
 
     g = str(tmp_path / "G.safetensors")
     assert export.main(["--ckpt", run_dir, "--out", g]) == 0
@@ -229,8 +229,8 @@ def test_export_safetensors_is_loaded_by_sample_and_evaluate(run_dir, cache, tmp
     gen = state["G_ema"]  # the embedded default keeps an EMA generator: that is what is shared and sampled
     assert gen is not None and tensors.keys() == gen.keys()
     assert all(torch.equal(tensors[k], gen[k]) for k in tensors)
-    from_ckpt = sample.generate(pretrained.load(run_dir, "cpu"), ["a red circle"], 2, seed=1)
-    from_export = sample.generate(pretrained.load(g, "cpu"), ["a red circle"], 2, seed=1)
+    from_ckpt = sample.generate(runs.load(run_dir, "cpu"), ["a red circle"], 2, seed=1)
+    from_export = sample.generate(runs.load(g, "cpu"), ["a red circle"], 2, seed=1)
     assert torch.equal(from_ckpt, from_export)
     assert sample.main(["--ckpt", g, "--prompt", "a red circle", "-n", "2", "--device", "cpu",
                         "--out", str(tmp_path / "s.png")]) == 0
@@ -246,12 +246,12 @@ def test_export_safetensors_is_loaded_by_sample_and_evaluate(run_dir, cache, tmp
 
 
 def _no_loading(monkeypatch):
-    from scadfast import pretrained
+    from scadfast import runs
 
     def fail(*a, **k):
         raise AssertionError("loaded the checkpoint before checking --out")
 
-    monkeypatch.setattr(pretrained, "load", fail)
+    monkeypatch.setattr(runs, "load", fail)
     monkeypatch.setattr(evaluate, "run", fail)
 
 
@@ -400,10 +400,10 @@ def test_sigint_checkpoints_and_exits_130_and_stale_temp_files_go(train_env, tmp
 
 
 def test_long_and_empty_prompts_warn_once(run_dir, tmp_path, monkeypatch, capsys):
-    from scadfast import pretrained
+    from scadfast import runs
 
-    monkeypatch.setattr(pretrained, "_warned", set())
-    loaded = pretrained.load(run_dir, "cpu")
+    monkeypatch.setattr(runs, "_warned", set())
+    loaded = runs.load(run_dir, "cpu")
     limit = loaded.clip.context_length
     long_prompt = "a red circle at the top left " * 400  # ~12,000 characters
     loaded.embed([long_prompt, "a blue square"])

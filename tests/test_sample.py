@@ -28,9 +28,9 @@ def test_grid_rows_per_prompt_and_seeds_recorded(run_dir, tmp_path):
 
 
 def test_same_seed_same_image_and_per_prompt_files(run_dir, tmp_path):
-    from scadfast import pretrained
+    from scadfast import runs
 
-    loaded = pretrained.load(run_dir, "cpu")
+    loaded = runs.load(run_dir, "cpu")
     a = sample.generate(loaded, ["a red circle"], 2, seed=3)
     b = sample.generate(loaded, ["a red circle", "a green star"], 2, seed=3)
     assert torch.allclose(a[0], b[0], atol=1e-5)  # text batched differently: rounding only

@@ -1,4 +1,4 @@
-"""Data: the embedded shapes set, source indexing, and NVIDIA DALI loading (SPEC §8).
+"""Data: the embedded shapes set, source indexing, and NVIDIA DALI loading (docs/design.md §8).
 
 ``make_loader``/``DALILoader`` live in :mod:`scadfast.data.dali` and are imported lazily, so
 ``import scadfast.data`` does not import DALI.

@@ -24,7 +24,7 @@ left"``, ``"an orange star on a noise background"``.
 and the mention mask is independent of the values, conditioning on a caption fixes the mentioned
 attributes and leaves every unmentioned attribute uniform over its full vocabulary, independently
 of the others. :func:`free_attributes` returns that distribution for any caption and
-:func:`sample_prompt_attrs` samples from it; the shapes metrics (SPEC §9) compare generated images
+:func:`sample_prompt_attrs` samples from it; the shapes metrics (docs/design.md §9) compare generated images
 against it.
 
 Nuisance variation that is *not* an attribute (so a caption can never pin it down): the shape's
@@ -57,6 +57,9 @@ __all__ = [
     "ATTRIBUTE_NAMES",
     "MENTION_PROB",
     "SHAPES_VERSION",
+    "DEFAULT_SET_SIZE",
+    "GAN_TRAIN_SET_SIZE",
+    "PRETRAIN_SET_SIZE",
     "PromptTemplate",
     "caption_templates",
     "default_cache_dir",
@@ -76,6 +79,23 @@ __all__ = [
 #: Bump when rendering or caption generation changes; it is part of the data set's directory name
 #: so an old cache is never reused for new code.
 SHAPES_VERSION = 1
+
+# Shapes-set sizes, one per purpose (why they differ):
+#: A set asked for without a size (:func:`make_shapes_dataset`, a ``shapes:k=v`` data spec without
+#: ``n=``): a general-purpose size that no shipped file or measured run depends on. So
+#: ``--data shapes:seed=1`` trains on this many images while plain ``--data shapes`` uses the next one.
+DEFAULT_SET_SIZE = 20_000
+#: The GAN training set of the embedded default run (``scadfast.train --shapes-n``; ``--data shapes``
+#: with no options). It is built on the user's first run, on a CPU, and its captions are embedded
+#: once; 600 steps of 16 images (9,600 draws) pass over it about five times, whereas most of a
+#: 20,000-image set would be built and embedded and never drawn. The README's measured default run
+#: used this size: changing it changes that run.
+GAN_TRAIN_SET_SIZE = 2_000
+#: The sets the embedded CLIP (``scadfast.pretrain_clip``) and the attribute classifier
+#: (``scadfast.shapes_classifier``) are trained on, on a GPU. Contrastive training and a five-head
+#: classifier need many distinct attribute combinations (6·9·4·10·6 = 12,960 distinct captions); the
+#: shipped weights of both were trained with it, and the classifier is looked up by this size.
+PRETRAIN_SET_SIZE = 16_000
 
 ATTRIBUTES: Dict[str, List[str]] = {
     "shape": ["circle", "square", "triangle", "star", "hexagon", "cross"],
@@ -505,7 +525,7 @@ def _build(tmp: Path, n: int, image_size: int, seed: int, jpeg_quality: int) -> 
 
 def make_shapes_dataset(
     root: Union[str, os.PathLike, None] = None,
-    n: int = 20000,
+    n: int = DEFAULT_SET_SIZE,
     image_size: int = 64,
     seed: int = 0,
     jpeg_quality: int = 95,

@@ -3,8 +3,9 @@
 A *data spec* names a source (:func:`parse_data_spec`):
 
 ``shapes``                       the embedded shapes set, built on demand in the cache
-                                 (:func:`scadfast.data.shapes.make_shapes_dataset`; n=20000, seed 0,
-                                 rendered at the loader's image size)
+                                 (:func:`scadfast.data.shapes.make_shapes_dataset`; seed 0,
+                                 n = ``DEFAULT_SET_SIZE`` there — ``scadfast.train`` passes its
+                                 ``--shapes-n`` —, rendered at the loader's image size)
 ``shapes:n=2000,size=64,seed=1`` the same with parameters (keys ``n``, ``size``, ``seed``,
                                  ``quality``, ``root``)
 ``shapes:PATH``                  an existing shapes set (a directory holding ``captions.jsonl``)
@@ -74,7 +75,7 @@ __all__ = [
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".jp2", ".pnm",
                     ".ppm", ".pgm")
 CHECK_MODES = ("header", "decode", "none")
-SHAPES_DEFAULTS = {"n": 20000, "seed": 0, "quality": 95}
+SHAPES_DEFAULTS = {"n": _shapes.DEFAULT_SET_SIZE, "seed": 0, "quality": 95}
 
 
 class DataWarning(UserWarning):

@@ -1,4 +1,4 @@
-"""Evaluation metrics (SPEC §9): FID, KID, precision/recall, CLIP score, PPD/mPPD and the shapes
+"""Evaluation metrics (docs/design.md §9): FID, KID, precision/recall, CLIP score, PPD/mPPD and the shapes
 ground-truth metrics; :mod:`.reference` is the real set (and its captions) they compare with.
 
 All metrics stream images batch by batch (nothing holds all images) and run batched on the GPU when

@@ -1,4 +1,4 @@
-"""CLIP score (SPEC §9): 100 × cosine similarity of image and text embeddings under a named CLIP.
+"""CLIP score (docs/design.md §9): 100 × cosine similarity of image and text embeddings under a named CLIP.
 
 For each image x generated for prompt p: ``100 · cos(E_img(x), E_txt(p))`` with the CLIP's pooled,
 projected image embedding and its sentence embedding (:class:`scadfast.models.clip.FrozenCLIP`).
@@ -36,10 +36,9 @@ def parse_clip_spec(spec: str) -> Tuple[str, Optional[str]]:
 def load_eval_clip(spec: str, device=None):
     """A :class:`FrozenCLIP` from ``NAME[:PRETRAINED]``; ``scadfast-tiny:shapes`` → the shipped weights."""
     from ..models.clip import FrozenCLIP
-    from ..pretrain_clip import resolve_pretrained
 
     name, pre = parse_clip_spec(spec)
-    return FrozenCLIP(name, pretrained=resolve_pretrained(name, pre), device=device)
+    return FrozenCLIP(name, pretrained=pre, device=device)
 
 
 class CLIPScorer:

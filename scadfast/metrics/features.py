@@ -5,7 +5,7 @@ Every metric consumes images **batch by batch** — never a list of all images �
 
 * :func:`iter_image_files` / :func:`iter_images` — image files on disk (a shapes set, a folder) or encoded
   bytes (webdataset members), decoded with PIL and optionally resized by :data:`REFERENCE_RESIZE`;
-* :func:`iter_generated` — a trained generator (``Loaded`` from :mod:`scadfast.pretrained`) on a list
+* :func:`iter_generated` — a trained generator (``Loaded`` from :mod:`scadfast.runs`) on a list
   of prompts, with reproducible per-image noise.
 
 :class:`RunningMoments` accumulates the mean and covariance of feature vectors in float64 without

@@ -1,4 +1,4 @@
-"""Fréchet Inception Distance in the standard 2048-d Inception-v3 pool space (SPEC §6, §9).
+"""Fréchet Inception Distance in the standard 2048-d Inception-v3 pool space (docs/design.md §6, §9).
 
 FID = ‖μ_r − μ_g‖² + tr Σ_r + tr Σ_g − 2 tr (Σ_r Σ_g)^{1/2}, with (μ, Σ) the mean and covariance of
 the **2048-d pool3 features of the standard Inception-v3 weights** (the TensorFlow 2015-12-05 graph

@@ -1,4 +1,4 @@
-"""Per-prompt diversity: PPD and mPPD [paper] (SPEC §9).
+"""Per-prompt diversity: PPD and mPPD [paper] (docs/design.md §9).
 
 For a prompt p and N images x_1..x_N generated from independent noise z_1..z_N:
 

@@ -1,4 +1,4 @@
-"""Shapes ground-truth metrics (SPEC §9): text alignment and per-prompt coverage of free attributes.
+"""Shapes ground-truth metrics (docs/design.md §9): text alignment and per-prompt coverage of free attributes.
 
 An attribute classifier (:mod:`scadfast.shapes_classifier`) reads the five attributes of every
 generated image. For prompts of the shapes grammar (:func:`scadfast.data.shapes.parse_caption`):

@@ -1,5 +1,5 @@
-"""Models of the GALIP family (SPEC §3–§5): the frozen CLIP, the CLIP-aided generator, the
-discriminators and the :class:`~scadfast.models.galip.GALIPFamily` model pair; MS-CLIP-GAN (SPEC §6)
+"""Models of the GALIP family (docs/design.md §3–§5): the frozen CLIP, the CLIP-aided generator, the
+discriminators and the :class:`~scadfast.models.galip.GALIPFamily` model pair; MS-CLIP-GAN (docs/design.md §6)
 in :mod:`scadfast.models.ms_clip_gan`.
 
 Submodules are imported lazily so that ``import scadfast.models.clip`` stays cheap.

@@ -1,4 +1,4 @@
-"""The frozen CLIP of the GALIP family (SPEC §3): text embeddings, D's image features, G's mapper.
+"""The frozen CLIP of the GALIP family (docs/design.md §3): text embeddings, D's image features, G's mapper.
 
 :class:`FrozenCLIP` wraps an ``open_clip`` ViT model and exposes exactly what the generator and the
 discriminators need. Every size (image size, patch grid ``g``, vision width, depth, embedding size,
@@ -30,9 +30,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..assets import asset_path
+
 TINY_NAME = "scadfast-tiny"
 
-# The embedded default (SPEC §3): small enough to train on a 2-core CPU.
+# The embedded default (docs/design.md §3): small enough to train on a 2-core CPU.
 TINY_CONFIG = {
     "embed_dim": 128,
     "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 128, "layers": 6, "head_width": 32},
@@ -46,6 +48,30 @@ _GALIP_PROMPT_RANGE = (1, 8)
 
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+#: The ``pretrained`` tag that names the shipped shapes-pretrained weights of ``scadfast-tiny``.
+SHIPPED_TAG = "shapes"
+#: File name of those weights in ``scadfast/assets`` (written by ``python -m scadfast.pretrain_clip``).
+SHIPPED_FILE = "scadfast-tiny-shapes.pt"
+
+
+def shipped_weights_path() -> str:
+    """Absolute path of the shipped shapes-pretrained ``scadfast-tiny`` weights.
+
+    Raises ``FileNotFoundError`` (saying how to rebuild them) if the file is missing from the install.
+    """
+    return asset_path(SHIPPED_FILE, rebuild="python -m scadfast.pretrain_clip --out {path}")
+
+
+def resolve_pretrained(name: str, pretrained: str | None) -> str | None:
+    """Map ``pretrained`` to what open_clip accepts: the tag ``"shapes"`` of ``scadfast-tiny`` →
+    :func:`shipped_weights_path`; anything else (``None``, a path, an open_clip tag) is returned
+    unchanged."""
+    if pretrained == SHIPPED_TAG:
+        if name != TINY_NAME:
+            raise ValueError(f"pretrained={SHIPPED_TAG!r} exists only for {TINY_NAME!r}, not for {name!r}")
+        return shipped_weights_path()
+    return pretrained
 
 
 def register_tiny_config() -> str:
@@ -123,8 +149,6 @@ class FrozenCLIP(nn.Module):
             raise TypeError(f"FrozenCLIP: pretrained must be None, a tag or a path, got {type(pretrained).__name__}")
         pretrained = os.fspath(pretrained) if pretrained is not None else None
         if pretrained is not None and not os.path.isfile(pretrained):
-            from ..pretrain_clip import resolve_pretrained
-
             pretrained = resolve_pretrained(name, pretrained)
         kwargs = {}
         if pretrained is not None and not os.path.isfile(pretrained):
@@ -299,7 +323,7 @@ class FrozenCLIP(nn.Module):
         return self.model.visual(self.to_clip_input(x).to(self.dtype))
 
     def mapper(self, feat1: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
-        """The generator's frozen CLIP mapper (SPEC §4.2).
+        """The generator's frozen CLIP mapper (docs/design.md §4.2).
 
         ``feat1`` (B, width, g, g) is used as the patch tokens (in place of ``conv1``'s output):
         prepend the class token, add the positional embedding, ``ln_pre``; then every block runs,

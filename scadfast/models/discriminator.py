@@ -1,4 +1,4 @@
-"""Discriminators of the GALIP family (SPEC §5): the CLIP-feature trunk and its heads, the pixel PatchGAN.
+"""Discriminators of the GALIP family (docs/design.md §5): the CLIP-feature trunk and its heads, the pixel PatchGAN.
 
 All discriminator-side modules of one model pair live in :class:`GALIPDiscriminator`:
 
@@ -67,7 +67,7 @@ class TrunkBlock(nn.Module):
 
 
 class CLIPFeatureTrunk(nn.Module):
-    """SPEC §5.1: (B, n_feats, width, g, g) CLIP features → (B, out_ch, g, g).
+    """docs/design.md §5.1: (B, n_feats, width, g, g) CLIP features → (B, out_ch, g, g).
 
     Starts from the first selected CLIP block's map and adds each further one through a gated
     residual block; a last gated block (without a feature input) maps ``width → out_ch``.
@@ -98,7 +98,8 @@ def _tile_cat(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 class HingeHead(nn.Module):
-    """SPEC §5.2: concat(trunk, tile(s)) → conv_k1 → hidden → LReLU → conv (rest of the map) → 1 logit.
+    """docs/design.md §5.2: concat(trunk, tile(s)) → conv_k1 → hidden → LReLU → conv (rest of the map)
+    → 1 logit.
 
     ``forward(x (B, C, g, g), s (B, d)) -> (B,)``.
     """
@@ -115,7 +116,7 @@ class HingeHead(nn.Module):
 
 
 class SANHead(nn.Module):
-    """SPEC §5.3: ``h(x, c) = flatten(LReLU(SN(conv_k1)(concat(trunk, tile(s)))))`` (B, d_h) and
+    """docs/design.md §5.3: ``h(x, c) = flatten(LReLU(SN(conv_k1)(concat(trunk, tile(s)))))`` (B, d_h) and
     ``ω(c) = W_ω s + b_ω`` (B, d_h), no spectral norm on ω.
 
     ``forward(x, s) -> (h, omega)``; the logits come from :func:`scadfast.ops.san_logits`.
@@ -172,7 +173,7 @@ class PatchProjection(nn.Module):
 
 
 class ClipPatchHead(nn.Module):
-    """SPEC §5.4 ``clip_patch``: unconditional, one logit per CLIP patch from the trunk map."""
+    """docs/design.md §5.4 ``clip_patch``: unconditional, one logit per CLIP patch from the trunk map."""
 
     def __init__(self, in_ch: int, hidden: int, loss: str = "hinge", sn_impl: str = "auto"):
         super().__init__()
@@ -184,7 +185,7 @@ class ClipPatchHead(nn.Module):
 
 
 class PixelPatchGAN(nn.Module):
-    """SPEC §5.4 ``pixel_patchgan``: a pix2pix PatchGAN on pixels with spectral norm instead of batch norm.
+    """docs/design.md §5.4 ``pixel_patchgan``: a pix2pix PatchGAN on pixels with spectral norm instead of batch norm.
 
     ``features(img (B, 3, H, W))`` → (B, 8·ndf, H/8 − 1, W/8 − 1); ``proj`` maps it to the logit map
     (B, 1, H/8 − 2, W/8 − 2): 26×26 at 224 px. No text input.
@@ -218,7 +219,8 @@ class PixelPatchGAN(nn.Module):
 
 
 class MIHead(nn.Module):
-    """SPEC §5.7 Q(z|x): trunk map → conv3×3 → LReLU → global average pool → Linear → μ [, log σ²]."""
+    """docs/design.md §5.7 Q(z|x): trunk map → conv3×3 → LReLU → global average pool → Linear → μ
+    [, log σ²]."""
 
     def __init__(self, in_ch: int, hidden: int, z_dim: int, learn_sigma: bool = False):
         super().__init__()

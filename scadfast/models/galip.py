@@ -1,4 +1,4 @@
-"""The GALIP family as a model pair (SPEC §4–§5): ``galip``, ``scad``, ``scad_mi``, ``scad_dd`` and any
+"""The GALIP family as a model pair (docs/design.md §4–§5): ``galip``, ``scad``, ``scad_mi``, ``scad_dd`` and any
 combination of their switches (``d_loss``, ``fidelity``, ``fidelity_loss``, ``mi_weight``, ``gp_*``).
 
 :class:`GALIPFamily` follows the GANPair contract of :mod:`scadfast.variants`.

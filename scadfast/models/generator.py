@@ -1,4 +1,4 @@
-"""The CLIP-aided generator of the GALIP family (SPEC §4): Dec1 → frozen CLIP mapper → Dec2.
+"""The CLIP-aided generator of the GALIP family (docs/design.md §4): Dec1 → frozen CLIP mapper → Dec2.
 
 Every size comes from the :class:`~scadfast.models.clip.FrozenCLIP`: the patch grid ``g``, the
 vision width and the number of prompt blocks. With ViT-B/32 at 224 px and ``ngf=64`` this is GALIP's
@@ -121,7 +121,7 @@ def up_schedule(grid: int, img_size: int, ngf: int) -> tuple[list[int], list[int
 
 
 class CLIPAidedGenerator(nn.Module):
-    """GALIP's CLIP-aided generator (SPEC §4).
+    """GALIP's CLIP-aided generator (docs/design.md §4).
 
     Args:
         clip: the frozen CLIP (kept out of this module's parameters and state_dict).

@@ -1,4 +1,4 @@
-"""MS-CLIP-GAN: a StackGAN++-style three-stage text-to-image GAN with CLIP conditioning (SPEC §6).
+"""MS-CLIP-GAN: a StackGAN++-style three-stage text-to-image GAN with CLIP conditioning (docs/design.md §6).
 
 Build it with :func:`build_ms_clip_gan` ``(cfg, clip)``; the result follows the GANPair contract of
 :mod:`scadfast.variants` (``G``, ``D``, ``z_dim``, ``generate``, ``d_loss``, ``g_loss``).
@@ -20,8 +20,8 @@ Generator (``pair.G``)
     G0: ``[ĉ ‖ z]`` → Linear → (C0, k, k) → nearest-×2 up-blocks (conv3×3, BN, GLU) → S/4 feature map
     with ``ngf`` channels. G1 and G2 each tile ``ĉ`` over the previous feature map, join it
     (conv3×3, BN, GLU), apply two residual blocks and one up-block (channels halve: ``ngf/2``,
-    ``ngf/4``). Every stage has its own conv3×3 → RGB head. Outputs are unbounded by default (SPEC:
-    clamp to [-1, 1] only when saving); ``g_tanh=True`` adds the StackGAN++ tanh.
+    ``ngf/4``). Every stage has its own conv3×3 → RGB head. Outputs are unbounded by default
+    (docs/design.md §4: clamp to [-1, 1] only when saving); ``g_tanh=True`` adds the StackGAN++ tanh.
 
 Discriminators (``pair.D``, one per scale)
     Trunk: conv4×4 stride-2 down-blocks (LeakyReLU 0.2) from the stage size to k×k, then a conv3×3 to
@@ -85,6 +85,8 @@ import torch.nn.functional as F
 
 from scadfast.ops import CondAug, cond_aug, patch_hinge_loss, spectral_norm
 from scadfast.ops._impl import acc_dtype, check_tensor, warn_once
+
+from .generator import SharedRef
 
 __all__ = [
     "MSCLIPGAN", "MSGenerator", "MSDiscriminator", "StageDiscriminator", "build_ms_clip_gan",
@@ -330,8 +332,9 @@ class MSCLIPGAN(nn.Module):
     """MS-CLIP-GAN model pair (GANPair contract of :mod:`scadfast.variants`).
 
     Submodules: ``G`` (:class:`MSGenerator`) and ``D`` (:class:`MSDiscriminator`). The frozen
-    ``clip`` (and the optional ``perceptual`` network) are held outside the module tree: they are not
-    in ``parameters()``/``state_dict()`` and ``.to()`` does not move them.
+    ``clip`` (and the optional ``perceptual`` network) are held outside the module tree, through a
+    :class:`~scadfast.models.generator.SharedRef` as in the GALIP family: they are not in
+    ``parameters()``/``state_dict()``, ``.to()`` does not move them and a deep copy shares them.
     """
 
     def __init__(self, cfg, clip, img_size: int | None = None, d_norm: str = "spectral", g_tanh: bool = False,
@@ -354,9 +357,9 @@ class MSCLIPGAN(nn.Module):
         if cfg.gp_weight:
             warn_once("ms_clip_gan.gp", "ms_clip_gan: cfg.gp_weight (MA-GP) does not apply to MS-CLIP-GAN; ignored")
         if img_size is None:
-            img_size = int(clip.image_size if not isinstance(clip.image_size, (tuple, list)) else clip.image_size[0])
+            img_size = int(clip.image_size)
         self.cfg = cfg
-        object.__setattr__(self, "clip", clip)
+        self._clip = SharedRef(clip)
         self.d_txt = int(clip.embed_dim)
         self.z_dim = int(cfg.z_dim)
         self.img_size = img_size
@@ -366,8 +369,16 @@ class MSCLIPGAN(nn.Module):
         self.D = MSDiscriminator(self.sizes, k, cfg.ndf, cfg.ca_dim, self.d_txt, d_norm, sn_impl)
         if perceptual is not None:
             perceptual.eval().requires_grad_(False)
-        object.__setattr__(self, "perceptual", perceptual)
+        self._perceptual = SharedRef(perceptual)
         self.perceptual_weight = float(perceptual_weight)
+
+    @property
+    def clip(self):
+        return self._clip.obj
+
+    @property
+    def perceptual(self):
+        return self._perceptual.obj
 
     # -- input checks --------------------------------------------------------------------------
 

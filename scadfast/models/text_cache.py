@@ -1,4 +1,4 @@
-"""Disk cache of CLIP sentence embeddings (SPEC §3).
+"""Disk cache of CLIP sentence embeddings (docs/design.md §3).
 
 The CLIP text tower is frozen, so the sentence embeddings of a fixed caption list are computed once
 (batched, without gradients) and stored as a ``.npy`` file that later runs memory-map. The file name

@@ -1,4 +1,6 @@
-"""Load a trained model pair (generator, discriminator, frozen CLIP) back from a training checkpoint."""
+"""Load a trained GAN run back: the model pair (generator, discriminator, frozen CLIP) from a training
+checkpoint or run directory, or the generator alone from a file written by :mod:`scadfast.export`.
+``sample`` and ``evaluate`` start here."""
 
 from __future__ import annotations
 
