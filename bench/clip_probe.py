@@ -77,19 +77,19 @@ def probe_accuracy(x: torch.Tensor, y: torch.Tensor, n_fit: int, l2: float = 1e-
         return float(((xt @ w + b).argmax(1) == yt).float().mean())
 
 
-def run(clip_pretrained: str, n: int, n_fit: int, seed: int, data_root: str) -> dict:
+def run(clip_pretrained: str, n: int, n_fit: int, seed: int, data_root: str, iters: int = 200) -> dict:
     clip = FrozenCLIP(TINY_NAME, pretrained=clip_pretrained)
     path = shp.make_shapes_dataset(data_root, n=n, image_size=clip.image_size, seed=seed)
     imgs, attrs, rows = pc.load_shapes_images(path)
     t0 = time.perf_counter()
     views = encode_views(clip, imgs)
-    probes = {v: {a: round(probe_accuracy(views[v], attrs[:, k], n_fit), 4)
+    probes = {v: {a: round(probe_accuracy(views[v], attrs[:, k], n_fit, iters=iters), 4)
                   for k, a in enumerate(shp.ATTRIBUTE_NAMES)} for v in VIEWS}
     zero_shot = pc.retrieval_metrics(clip.model, clip.tokenize, imgs[n_fit:], attrs[n_fit:],
                                      [r["caption"] for r in rows[n_fit:]])
     return {"schema": SCHEMA, "clip": TINY_NAME, "clip_pretrained": clip_pretrained,
             "clip_weights_id": clip.weights_id(), "feature_blocks": list(clip.feature_blocks),
-            "n": n, "n_fit": n_fit, "seed": seed, "probe_heldout_accuracy": probes,
+            "n": n, "n_fit": n_fit, "seed": seed, "iters": iters, "probe_heldout_accuracy": probes,
             "zero_shot": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in zero_shot.items()},
             "seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__,
             "machine": platform.processor() or platform.machine(), "command": " ".join(sys.argv)}
@@ -102,6 +102,7 @@ def main(argv=None) -> int:
     p.add_argument("--fit", type=int, default=2000, help="images used to fit the probes (rest: held out)")
     p.add_argument("--seed", type=int, default=4242, help="render seed (no training set uses it)")
     p.add_argument("--data-root", default=None, help="where the images are rendered (default: a temp dir)")
+    p.add_argument("--iters", type=int, default=200, help="L-BFGS iterations per probe")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="JSON output (default: print only)")
     a = p.parse_args(argv)
@@ -110,7 +111,7 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        res = run(a.clip_pretrained, a.n, a.fit, a.seed, a.data_root or tmp)
+        res = run(a.clip_pretrained, a.n, a.fit, a.seed, a.data_root or tmp, a.iters)
     print("probe held-out accuracy (rows: view; columns: " + ", ".join(shp.ATTRIBUTE_NAMES) + ")")
     for v in VIEWS:
         print(f"  {v:7s} " + "  ".join(f"{res['probe_heldout_accuracy'][v][a]:.3f}" for a in shp.ATTRIBUTE_NAMES))

@@ -29,7 +29,7 @@ def test_probe_separates_separable_labels_and_not_random_ones():
 def test_tiny_run_writes_json(tmp_path):
     cp = _load()
     out = tmp_path / "probe.json"
-    assert cp.main(["--n", "60", "--fit", "40", "--data-root", str(tmp_path / "data"), "--out", str(out)]) == 0
+    assert cp.main(["--n", "60", "--fit", "40", "--iters", "25", "--data-root", str(tmp_path / "data"), "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["schema"] == cp.SCHEMA and res["feature_blocks"] == [0, 2, 4]
     acc = res["probe_heldout_accuracy"]

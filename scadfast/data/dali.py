@@ -58,7 +58,8 @@ from typing import Dict, Iterator, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from .sources import DataSpec, DataWarning, RecordSet, _pil_decode_error, load_records
+from .image_check import _pil_decode_error
+from .sources import DataSpec, DataWarning, RecordSet, load_records
 
 __all__ = ["DALILoader", "DataDecodeError", "make_loader"]
 

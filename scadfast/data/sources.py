@@ -48,7 +48,6 @@ Error policy (the same for every source):
 from __future__ import annotations
 
 import glob
-import io
 import json
 import os
 import re
@@ -60,6 +59,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import shapes as _shapes
+from .image_check import _HEAD, _TAIL, IMAGE_EXTENSIONS, _pil_decode_error, check_image_bytes
 
 __all__ = [
     "DataSpec",
@@ -72,8 +72,6 @@ __all__ = [
     "parse_data_spec",
 ]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".jp2", ".pnm",
-                    ".ppm", ".pgm")
 CHECK_MODES = ("header", "decode", "none")
 SHAPES_DEFAULTS = {"n": _shapes.DEFAULT_SET_SIZE, "seed": 0, "quality": 95}
 
@@ -169,33 +167,6 @@ def expand_braces(pattern: str) -> List[str]:
 # Image checks
 # --------------------------------------------------------------------------------------------
 
-_HEAD = 16
-_TAIL = 64
-
-
-def check_image_bytes(head: bytes, tail: bytes, size: int) -> Optional[str]:
-    """Why an image looks unreadable from its first and last bytes, or ``None`` if it looks fine."""
-    if size == 0:
-        return "empty file"
-    if head.startswith(b"\xff\xd8\xff"):
-        if b"\xff\xd9" not in tail:
-            return "truncated JPEG (no end-of-image marker)"
-        return None
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        if b"IEND" not in tail:
-            return "truncated PNG (no IEND chunk)"
-        return None
-    if head.startswith(b"BM") or head.startswith(b"II*\x00") or head.startswith(b"MM\x00*"):
-        return None
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return None
-    if head.startswith(b"\x00\x00\x00\x0cjP  ") or head.startswith(b"\xff\x4f\xff\x51"):
-        return None
-    if len(head) >= 2 and head[0:1] == b"P" and head[1:2] in b"123456":
-        return None
-    return "not a supported image format (unknown signature)"
-
-
 class _VerifiedCache:
     """Files a full decode found readable: ``key -> "size:mtime_ns"`` in ``<cache>/verified-images.json``."""
 
@@ -252,18 +223,6 @@ def _check_file(path: str, mode: str, verified: Optional[_VerifiedCache] = None)
             return reason
     except OSError as e:
         return f"unreadable ({e.strerror or e})"
-
-
-def _pil_decode_error(data: bytes) -> Optional[str]:
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-    except Exception as e:  # noqa: BLE001 - any decoder failure means "corrupt"
-        msg = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the data", str(e))
-        return f"cannot be decoded ({type(e).__name__}: {msg})"
-    return None
 
 
 def _warn_skipped(source: str, skipped: List[Tuple[str, str]]) -> None:

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
 from . import shapes as _shapes
-from .sources import _HEAD, _TAIL, IMAGE_EXTENSIONS, _pil_decode_error, check_image_bytes
+from .image_check import _HEAD, _TAIL, IMAGE_EXTENSIONS, _pil_decode_error, check_image_bytes
 
 __all__ = ["ShardIndex", "check_local", "default_index_dir", "index_path", "index_shards", "parse_line",
            "read_idx", "scan_shard", "write_idx"]
