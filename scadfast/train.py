@@ -48,7 +48,11 @@ DEFAULTS = dict(
 
 # What the embedded default (scadfast-tiny on shapes) sets on top of DEFAULTS: learning curves on and
 # an EMA generator (README, "Results on the embedded default", says what each was measured to do).
-EMBEDDED = dict(eval_every=100, ema_kimg=2.0)
+EMBEDDED = dict(eval_every=100, ema_kimg=2.0, steps=1000)
+# The embedded default's MA-GP weight (GALIP's k = 2 elsewhere): on the tiny CLIP's features the
+# penalty k·mean(‖∇‖⁶) spikes to thousands and stalls D; k = 0.5 learned colour and place sooner
+# (README, "What the default run shows").
+EMBEDDED_GP_WEIGHT = 0.5
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--config", default=None, help="YAML file of flag values (keys = flag names); flags override it")
     g.add_argument("--out", default=S, help="run directory (default runs/<variant>-<time>)")
     g.add_argument("--resume", action="store_true", default=S, help="continue from the newest checkpoint in --out")
-    g.add_argument("--steps", type=int, default=S, help=f"training iterations (default {DEFAULTS['steps']})")
+    g.add_argument("--steps", type=int, default=S, help=f"training iterations (default {DEFAULTS['steps']}; {EMBEDDED['steps']} for the embedded "
+                        "scadfast-tiny default)")
     g.add_argument("--seed", type=int, default=S, help="seed of initialisation, noise and data order (default 0)")
     g.add_argument("--device", default=S, help="cpu | cuda | cuda:N (default: cuda if available)")
     g.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=S,
@@ -165,10 +170,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if merged["clip_pretrained"] in ("none", "None"):
         merged["clip_pretrained"] = None
     if merged["clip"] == "scadfast-tiny":
-        # The embedded default is sized for a 2-core CPU: half-width networks and 600 steps of 16 images
+        # The embedded default is sized for a 2-core CPU: half-width networks, EMBEDDED['steps'] steps of 16 images
         # at 64 px (its measured wall time is in the README, "Two commands on a fresh machine").
         switches.setdefault("ngf", 32)
         switches.setdefault("ndf", 32)
+        if cfg.arch == "galip":
+            switches.setdefault("gp_weight", EMBEDDED_GP_WEIGHT)
         for k, v in EMBEDDED.items():
             if k not in given and k not in from_file and (k != "eval_every" or merged["data"].startswith("shapes")):
                 merged[k] = v
