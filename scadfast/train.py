@@ -40,7 +40,7 @@ _MS_ONLY = ("cond_aug", "ca_mode", "kl_weight", "label_smoothing", "use_uncond_l
 DEFAULTS = dict(
     data="shapes", shapes_n=GAN_TRAIN_SET_SIZE, clip="scadfast-tiny", clip_pretrained=None, image_size=None,
     batch_size=16, steps=600, precision=None, compile=None, impl="auto", seed=0, out=None,
-    resume=False, log_every=25, sample_every=200, ckpt_every=200, keep_ckpts=3, device=None,
+    resume=False, init_from=None, dry_run=False, log_every=25, sample_every=200, ckpt_every=200, keep_ckpts=3, device=None,
     cache_dir=None, sample_prompts=8, sample_noise=8, check_images=False, eval_every=0, eval_prompts=16,
     eval_n=16, ema_kimg=0.0, ema_rampup=0.05, channels_last=True, text_emb_dtype="fp32",
 )
@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--config", default=None, help="YAML file of flag values (keys = flag names); flags override it")
     g.add_argument("--out", default=S, help="run directory (default runs/<variant>-<time>)")
     g.add_argument("--resume", action="store_true", default=S, help="continue from the newest checkpoint in --out")
+    g.add_argument("--init-from", default=S, metavar="CKPT",
+                   help="start a new run (step 0, fresh optimisers) from another run's weights (G, D and the EMA "
+                        "G) — fine-tuning; a checkpoint file or run directory. Ignored by --resume, which "
+                        "continues this run's own checkpoint")
+    g.add_argument("--dry-run", action="store_true", default=S,
+                   help="build everything, run one training step, print its time and the peak memory, write nothing")
     g.add_argument("--steps", type=int, default=S, help=f"training iterations (default {DEFAULTS['steps']}; {EMBEDDED['steps']} for the embedded "
                         "scadfast-tiny default)")
     g.add_argument("--seed", type=int, default=S, help="seed of initialisation, noise and data order (default 0)")
@@ -584,6 +590,52 @@ class Trainer:
             self._lock.release()
             self._lock = None
 
+    def init_from(self, path: str) -> None:
+        """Copy G's, D's and the EMA G's weights from another run's checkpoint (``--init-from``);
+        optimisers, step, data position and random streams stay those of a new run."""
+        state = ckpt_lib.load(path, map_location=self.device)
+        if state.get("image_size") != self.image_size or state.get("clip", {}).get("name") != self.args.clip:
+            raise ckpt_lib.CheckpointError(
+                f"--init-from {path}: trained with CLIP {state.get('clip', {}).get('name')} at "
+                f"{state.get('image_size')} px, this run uses {self.args.clip} at {self.image_size} px")
+        nets = [("G", self.pair.G), ("D", self.pair.D)]
+        if self.g_ema is not None:
+            nets.append(("G_ema" if state.get("G_ema") is not None else "G", self.g_ema))
+        for key, net in nets:
+            try:
+                net.load_state_dict(state[key])
+            except (KeyError, RuntimeError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ckpt_lib.CheckpointError(
+                    f"--init-from {path}: its {key} does not fit --variant {self.args.variant} with these "
+                    f"widths ({first[:300]})") from None
+
+    def dry_run(self) -> dict:
+        """``--dry-run``: one training step on the real batch stream; returns (and prints) its time and
+        the peak memory (CUDA max allocated on a GPU, the process's peak RSS on a CPU). Writes nothing."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t0 = time.perf_counter()
+        stats = self.train_step(self._batches())
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak, what = torch.cuda.max_memory_allocated(self.device) / 2 ** 20, "CUDA max allocated"
+        else:
+            import resource
+
+            peak, what = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak RSS"
+        out = {"step_s": time.perf_counter() - t0, "peak_mib": peak, "peak_kind": what,
+               "losses": {k: float(v) for k, v in stats.items()},
+               "params_g": sum(p.numel() for p in self.pair.G.parameters()),
+               "params_d": sum(p.numel() for p in self.pair.D.parameters())}
+        if self.is_main:
+            print(f"[scadfast] dry run: {self.args.variant} on {self.device} | one step of {self.args.batch_size} "
+                  f"images in {out['step_s']:.2f} s | {what} {peak:.0f} MiB | G {out['params_g'] / 1e6:.2f} M, "
+                  f"D {out['params_d'] / 1e6:.2f} M parameters | "
+                  + " ".join(f"{k}={v:.4g}" for k, v in out["losses"].items() if k in ("d_loss", "g_loss")),
+                  file=sys.stderr, flush=True)
+        return out
+
     def _resume(self) -> str:
         """Load the newest checkpoint of ``--out``; a damaged ``ckpt.pt`` falls back to the newest
         intact numbered one (saying so). Returns the path resumed from."""
@@ -705,6 +757,8 @@ class Trainer:
         elif self.is_main and ckpt_lib.latest(self.out):
             raise SystemExit(f"error: {self.out} already has checkpoints; pass --resume to continue it "
                              f"or choose another --out")
+        if resumed_from is None and self.args.init_from:
+            self.init_from(self.args.init_from)
         if self.is_main:
             self._write_config()
         return resumed_from
@@ -831,6 +885,10 @@ def main(argv=None) -> int:
     lock = trainer = None
     created = bool(args.out) and not os.path.exists(args.out)
     try:
+        if args.dry_run:
+            trainer = Trainer(args)
+            trainer.dry_run()
+            return 0
         if _is_main_process() and args.out:
             lock = open_run_dir(args.out)  # before the expensive setup: a busy or bad --out fails at once
         trainer = Trainer(args)

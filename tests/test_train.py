@@ -305,3 +305,39 @@ def test_atomic_write_enospc_removes_temp_and_keeps_old(tmp_path, monkeypatch):
     assert len(failed) == 1
     assert target.read_bytes() == b"old"
     assert sorted(os.listdir(tmp_path)) == ["f.pt"]
+
+
+def test_init_from_starts_a_new_run_from_another_runs_weights(galip_run, tmp_path, tiny_train):
+    from scadfast import checkpoint as ckpt_lib
+
+    src = ckpt_lib.load(galip_run)
+    trainer = train.Trainer(train.parse_args(["--variant", "galip", "--out", str(tmp_path / "x"),
+                                              "--init-from", galip_run, *tiny_train()]))
+    trainer.init_from(galip_run)
+    for key, net in (("G", trainer.pair.G), ("D", trainer.pair.D), ("G_ema", trainer.g_ema)):
+        _assert_bitwise_equal(net.state_dict(), src[key], key)
+    assert trainer.step == 0 and trainer.images_seen == 0 and not trainer.opt_g.state  # a new run
+
+    out = str(tmp_path / "ft")
+    assert train.main(["--variant", "galip", "--steps", "1", "--out", out, "--init-from", galip_run,
+                       *tiny_train()]) == 0
+    state = ckpt_lib.load(out)
+    assert state["step"] == 1 and all(v["step"].item() == 1 for v in state["opt_g"]["state"].values())
+    assert json.load(open(os.path.join(out, "config.json")))["init_from"] == galip_run
+
+
+def test_init_from_refuses_weights_that_do_not_fit(galip_run, tmp_path, tiny_train, capsys):
+    out = str(tmp_path / "ft")
+    code = train.main(["--variant", "galip", "--steps", "1", "--out", out, "--init-from", galip_run,
+                       *tiny_train(ngf=8)])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert f"--init-from {galip_run}" in err and "does not fit --variant galip" in err and "G" in err
+
+
+def test_dry_run_runs_one_step_and_writes_nothing(cache, tmp_path, tiny_train, capsys):
+    out = tmp_path / "never"
+    assert train.main(["--variant", "scad_mi", "--out", str(out), "--dry-run", *tiny_train()]) == 0
+    err = capsys.readouterr().err
+    assert "dry run: scad_mi on cpu | one step of 4 images" in err and "peak RSS" in err and "d_loss=" in err
+    assert not out.exists()
