@@ -422,6 +422,13 @@ class Trainer:
             "d_steps": getattr(self.pair, "d_steps", None),  # the lazy MA-GP counter (--gp-every)
         }
 
+    def _check_same_clip(self, state: dict, what: str) -> None:
+        """Refuse a checkpoint trained with another CLIP or image size (``what`` names it in the error)."""
+        if state.get("image_size") != self.image_size or state.get("clip", {}).get("name") != self.args.clip:
+            raise ckpt_lib.CheckpointError(
+                f"{what} was trained with CLIP {state.get('clip')} at {state.get('image_size')} px, "
+                f"this run uses {self.args.clip} at {self.image_size} px")
+
     def load_state_dict(self, state: dict, path: str) -> None:
         if state.get("variant") != self.args.variant or state.get("cfg") != self.cfg.__dict__:
             diff = {k: (state.get("cfg", {}).get(k), v) for k, v in self.cfg.__dict__.items()
@@ -430,10 +437,7 @@ class Trainer:
                 f"checkpoint {path} is from variant {state.get('variant')!r} with a different "
                 f"configuration than this run (--variant {self.args.variant}); differing fields "
                 f"(checkpoint, now): {diff}")
-        if state.get("image_size") != self.image_size or state.get("clip", {}).get("name") != self.args.clip:
-            raise ckpt_lib.CheckpointError(
-                f"checkpoint {path} was trained with CLIP {state.get('clip')} at {state.get('image_size')} px, "
-                f"this run uses {self.args.clip} at {self.image_size} px")
+        self._check_same_clip(state, f"checkpoint {path}")
         self.pair.G.load_state_dict(state["G"])
         self.pair.D.load_state_dict(state["D"])
         if self.g_ema is not None:
@@ -594,10 +598,7 @@ class Trainer:
         """Copy G's, D's and the EMA G's weights from another run's checkpoint (``--init-from``);
         optimisers, step, data position and random streams stay those of a new run."""
         state = ckpt_lib.load(path, map_location=self.device)
-        if state.get("image_size") != self.image_size or state.get("clip", {}).get("name") != self.args.clip:
-            raise ckpt_lib.CheckpointError(
-                f"--init-from {path}: trained with CLIP {state.get('clip', {}).get('name')} at "
-                f"{state.get('image_size')} px, this run uses {self.args.clip} at {self.image_size} px")
+        self._check_same_clip(state, f"--init-from {path}")
         nets = [("G", self.pair.G), ("D", self.pair.D)]
         if self.g_ema is not None:
             nets.append(("G_ema" if state.get("G_ema") is not None else "G", self.g_ema))
