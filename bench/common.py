@@ -179,6 +179,21 @@ class Timer:
         return {"ms": [s.elapsed_time(e) for s, e in zip(starts, ends)], "wall_ms": wall_ms}
 
 
+def proc_status_kib(*fields: str) -> dict:
+    """The named fields of ``/proc/self/status`` (``VmRSS``, ``VmHWM``, ``RssAnon`` …) in KiB; a field
+    the kernel does not report (or no ``/proc``) is absent from the result."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in fields:
+                    out[key] = int(rest.split()[0])
+    except (OSError, ValueError):
+        pass
+    return out
+
+
 def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 

@@ -63,14 +63,11 @@ _WORDS = ("a photo of the red blue green small large old new wooden metal house 
 def rss_bytes() -> dict:
     """This process's resident memory: total, private (anonymous) and file-backed (page cache pages it
     maps, shared with every other process that maps the same file), from /proc/self/status."""
-    out = {"rss": 0, "anon": 0, "file": 0}
-    names = {"VmRSS:": "rss", "RssAnon:": "anon", "RssFile:": "file"}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key = names.get(line.split(":", 1)[0] + ":")
-            if key:
-                out[key] = int(line.split()[1]) * 1024
-    return out
+    from common import proc_status_kib
+
+    kib = proc_status_kib("VmRSS", "RssAnon", "RssFile")
+    return {"rss": kib.get("VmRSS", 0) * 1024, "anon": kib.get("RssAnon", 0) * 1024,
+            "file": kib.get("RssFile", 0) * 1024}
 
 
 def _delta(a: dict, b: dict) -> dict:

@@ -102,17 +102,6 @@ TINY_TRAIN_ARGS = {"--ngf": "16", "--ndf": "16", "--shapes-n": "32", "--batch-si
 # Small helpers
 
 
-def _proc_status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return None
-
-
 def _reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS counter (VmHWM) of this process (Linux >= 4.0)."""
     try:
@@ -204,6 +193,7 @@ def _windows(step, images_of_step, warmup: int, steps: int, windows: int, sync) 
 
 @contextlib.contextmanager
 def _memory_probe(device, out: dict):
+    import common
     import torch
 
     if device.type == "cuda":
@@ -218,9 +208,9 @@ def _memory_probe(device, out: dict):
     else:
         gc.collect()
         reset = _reset_peak_rss()
-        base = _proc_status_kib("VmRSS")
+        base = common.proc_status_kib("VmRSS").get("VmRSS")
         yield
-        hwm = _proc_status_kib("VmHWM")
+        hwm = common.proc_status_kib("VmHWM").get("VmHWM")
         out.update(kind="process peak RSS (VmHWM" + (", reset before this side)" if reset else
                    ", NOT reset: peak of the whole process)"),
                    peak_bytes=None if hwm is None else hwm * 1024,
