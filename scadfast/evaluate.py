@@ -324,16 +324,9 @@ def run(a) -> dict:
 def _reference_features(a, ref, inception, keep, image_size, cache_dir, progress):
     from .metrics import fid as fid_lib
 
-    if a.ref_stats:
-        real = fid_lib.load_stats(a.ref_stats, inception.dim, inception.id)
-        if keep and real.features is None:
-            raise ValueError(f"--ref-stats {a.ref_stats} holds mu/sigma only; kid and pr need the reference "
-                             "features: compute them from --ref (and keep them with --save-stats)")
-        real.meta.setdefault("source", ref.source if ref is not None else "precomputed statistics")
-        real.meta.setdefault("resize", "unknown (precomputed statistics)")
-    else:
-        size = image_size if a.ref_size is None else (a.ref_size or None)
-        real = fid_lib.reference_features(ref, inception, cache_dir, a.batch_size, size, progress, keep)
+    size = image_size if a.ref_size is None else (a.ref_size or None)
+    real = fid_lib.reference_or_stats(ref, inception, a.ref_stats, keep, cache_dir=cache_dir, batch_size=a.batch_size,
+                                      size=size, progress=progress)
     if a.save_stats:
         fid_lib.save_stats(a.save_stats, real)
     return real

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .features import ProgressLine
 
-__all__ = ["parse_clip_spec", "load_eval_clip", "CLIPScorer", "clip_score"]
+__all__ = ["parse_clip_spec", "load_eval_clip", "encode_prompts", "CLIPScorer", "clip_score"]
 
 
 def parse_clip_spec(spec: str) -> Tuple[str, Optional[str]]:
@@ -41,18 +41,29 @@ def load_eval_clip(spec: str, device=None):
     return FrozenCLIP(name, pretrained=pre, device=device)
 
 
-class CLIPScorer:
-    """Streaming CLIP score: ``add(images, prompt_index)`` per batch, ``result()`` at the end."""
+@torch.no_grad()
+def encode_prompts(clip, prompts: Sequence[str], chunk: int = 256) -> torch.Tensor:
+    """The CLIP sentence embeddings (N, d) of ``prompts``, float32, encoded ``chunk`` at a time."""
+    tok = clip.tokenize(list(prompts))
+    return torch.cat([clip.encode_text(tok[i:i + chunk]).float() for i in range(0, len(tok), chunk)])
 
-    def __init__(self, clip, prompts: Sequence[str], label: str, progress: bool = True, total: Optional[int] = None):
+
+class CLIPScorer:
+    """Streaming CLIP score: ``add(images, prompt_index)`` per batch, ``result()`` at the end. ``text``: the
+    prompts' embeddings when the caller has them (:func:`encode_prompts`)."""
+
+    def __init__(self, clip, prompts: Sequence[str], label: str, progress: bool = True, total: Optional[int] = None,
+                 text: Optional[torch.Tensor] = None):
         self.clip, self.prompts, self.label = clip, list(prompts), label
-        with torch.no_grad():
-            tok = clip.tokenize(self.prompts)
-            embs = [clip.encode_text(tok[i:i + 256]).float() for i in range(0, len(tok), 256)]
-        self.text = F.normalize(torch.cat(embs), dim=-1)
+        self.text = F.normalize(encode_prompts(clip, self.prompts) if text is None else text.float(), dim=-1)
+        self.progress, self.total = progress, total
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the images added so far (the prompts' text embeddings are kept): score another set."""
         self.sums = torch.zeros(len(self.prompts), dtype=torch.float64)
         self.counts = torch.zeros(len(self.prompts), dtype=torch.long)
-        self.bar = ProgressLine("clip_score", total, enabled=progress)
+        self.bar = ProgressLine("clip_score", self.total, enabled=self.progress)
 
     @torch.no_grad()
     def add(self, images: torch.Tensor, prompt_index) -> None:

@@ -35,7 +35,8 @@ from .features import REFERENCE_RESIZE, ProgressLine, RunningMoments, default_de
 
 __all__ = ["INCEPTION_FILE", "INCEPTION_URL", "INCEPTION_SHA256_PREFIX", "InceptionWeightsMissing",
            "frechet_distance", "find_inception_weights", "InceptionFeatures", "FeatureSet", "collect_features",
-           "feature_stats", "save_stats", "load_stats", "reference_features", "reference_stats", "compute_fid"]
+           "feature_stats", "save_stats", "load_stats", "reference_features", "reference_or_stats", "reference_stats",
+           "compute_fid"]
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE
@@ -226,6 +227,24 @@ def reference_features(ref, extractor, cache_dir: Optional[str] = None, batch_si
     if path is not None:
         save_stats(path, fs)
     return fs
+
+
+def reference_or_stats(ref, extractor, stats_path: Optional[str] = None, keep: bool = False,
+                       flags: Tuple[str, str] = ("--ref-stats", "--ref"), **kw) -> FeatureSet:
+    """The reference side of FID / KID / precision-recall: precomputed statistics from ``stats_path``
+    (:func:`load_stats`; ``ref`` only names the source) or :func:`reference_features` of ``ref`` (``kw``:
+    its ``cache_dir``, ``batch_size``, ``size``, ``progress``). ``keep``: the features are needed, and a
+    mu/sigma-only file is refused with a ``ValueError`` naming ``flags`` (the statistics flag, the
+    reference flag)."""
+    if not stats_path:
+        return reference_features(ref, extractor, keep=keep, **kw)
+    real = load_stats(stats_path, extractor.dim, extractor.id)
+    if keep and real.features is None:
+        raise ValueError(f"{flags[0]} {stats_path} holds mu/sigma only; kid and pr need the reference features: "
+                         f"compute them from {flags[1]} (scadfast.evaluate --save-stats keeps them)")
+    real.meta.setdefault("source", ref.source if ref is not None else "precomputed statistics")
+    real.meta.setdefault("resize", "unknown (precomputed statistics)")
+    return real
 
 
 def reference_stats(files: Sequence[str], extractor, cache_dir: Optional[str] = None, batch_size: int = 64,

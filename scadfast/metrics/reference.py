@@ -93,12 +93,13 @@ def _prefer_val_split(value: str) -> str:
     return value
 
 
-def load_reference(value: str, image_size: Optional[int] = None) -> Reference:
+def load_reference(value: str, image_size: Optional[int] = None, flag: str = "--ref") -> Reference:
     """A plain image folder (no captions) or a data spec with captions (see the module docstring).
-    ``coco:ROOT`` holding several splits uses the newest ``captions_val*.json``."""
+    ``coco:ROOT`` holding several splits uses the newest ``captions_val*.json``. ``flag`` names the
+    value in errors."""
     if not is_data_spec(value):
         if not os.path.isdir(value):
-            raise FileNotFoundError(f"--ref {value}: not a folder and not a data spec (coco:ROOT, folder:PATH, "
+            raise FileNotFoundError(f"{flag} {value}: not a folder and not a data spec (coco:ROOT, folder:PATH, "
                                     "wds:PATTERN, shapes[:...])")
         return files_reference(list_image_files(value), f"image folder {value}")
     from ..data.sources import load_records
