@@ -21,6 +21,9 @@ class Progress:
     """
 
     console_keys = ("d_loss", "g_loss", "d/d_gp", "d/d_mi", "g/g_clip_cos", "g/g_kl")
+    # Snapshot metrics the progress line repeats (alignment and FID, else the first there is), TensorBoard's eval/*.
+    headline_metrics = (("alignment", "align"), ("fid", "fid"), ("kid", "kid"), ("clip_score", "clip"))
+    eval_scalars = ("alignment", "coverage", "mppd", "clip_score", "fid", "kid")
 
     def __init__(self, total_steps: int, start_step: int = 0, log_dir: str | None = None,
                  enabled: bool = True, stream=None):
@@ -53,7 +56,10 @@ class Progress:
             losses = " ".join(f"{k.split('/')[-1]}={scalars[k]:.4g}" for k in shown)
             if self.latest_metrics:
                 m = self.latest_metrics
-                losses += f" | align={m['alignment']:.3f}@{m['step']}"
+                have = [(short, m[k]) for k, short in self.headline_metrics if k in m]
+                head = [h for h in have if h[0] in ("align", "fid")] or have[:1]
+                if head:
+                    losses += " | " + " ".join(f"{short}={v:.3f}" for short, v in head) + f"@{m['step']}"
             pct = 100.0 * step / max(self.total, 1)
             print(f"step {step}/{self.total} ({pct:5.1f}%) | {ips:7.1f} img/s | {losses} | "
                   f"elapsed {format_seconds(now - self.t0)} ETA {format_seconds(eta)}",
@@ -65,19 +71,25 @@ class Progress:
 
     def metrics(self, step: int, record: dict) -> None:
         """A learning-curve snapshot: one console line, ``eval/*`` scalars in TensorBoard; the progress
-        line shows its alignment from now on."""
+        line shows its headline metrics (alignment and/or FID, ...) from now on."""
         self.latest_metrics = {"step": step, **{k: v for k, v in record.items() if k != "step"}}
         if not self.enabled:
             return
         per = record.get("alignment_per_attribute", {})
-        print(f"eval step {step} | alignment {record['alignment']:.3f} ("
-              + " ".join(f"{k} {v:.2f}" for k, v in per.items())
-              + f") | coverage {record['coverage']:.3f} (ceiling {record['coverage_ideal']:.2f}) | "
-              f"mPPD {record['mppd']:.3f} | CLIP score {record['clip_score']:.1f} | {record['eval_seconds']:.0f}s",
+        parts = []
+        if "alignment" in record:  # the shapes metrics
+            parts += [f"alignment {record['alignment']:.3f} (" + " ".join(f"{k} {v:.2f}" for k, v in per.items()) + ")",
+                      f"coverage {record['coverage']:.3f} (ceiling {record['coverage_ideal']:.2f})",
+                      f"mPPD {record['mppd']:.3f}"]
+        for key, fmt in (("clip_score", "CLIP score {:.1f}"), ("fid", "FID {:.2f}"), ("kid", "KID {:.4f}")):
+            if key in record:
+                parts.append(fmt.format(record[key]))
+        print(f"eval step {step} | " + " | ".join(parts) + f" | {record['eval_seconds']:.0f}s",
               file=self.stream, flush=True)
         if self.writer is not None:
-            for k in ("alignment", "coverage", "mppd", "clip_score"):
-                self.writer.add_scalar(f"eval/{k}", record[k], step)
+            for k in self.eval_scalars:
+                if k in record:
+                    self.writer.add_scalar(f"eval/{k}", record[k], step)
             for k, v in per.items():
                 self.writer.add_scalar(f"eval/alignment_{k}", v, step)
 

@@ -42,9 +42,14 @@ DEFAULTS = dict(
     batch_size=16, steps=600, precision=None, compile=None, impl="auto", seed=0, out=None,
     resume=False, init_from=None, dry_run=False, log_every=25, sample_every=200, ckpt_every=200, keep_ckpts=3, device=None,
     cache_dir=None, sample_prompts=8, sample_noise=8, check_images=False, eval_every=0, eval_prompts=16,
-    eval_n=16, ema_kimg=0.0, ema_rampup=0.05, channels_last=True, text_emb_dtype="fp32",
+    eval_n=16, eval_metrics=None, eval_ref=None, eval_ref_stats=None, eval_images=2000, inception_weights=None,
+    ema_kimg=0.0, ema_rampup=0.05, channels_last=True, text_emb_dtype="fp32",
 )
 
+
+# Snapshot metrics (--eval-metrics); those after "shapes" are scored against --eval-ref.
+EVAL_METRICS = ("shapes", "fid", "kid", "clip_score")
+REF_METRICS = EVAL_METRICS[1:]
 
 # What the embedded default (scadfast-tiny on shapes) sets on top of DEFAULTS: learning curves on and
 # an EMA generator (README, "Results on the embedded default", says what each was measured to do).
@@ -95,11 +100,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample-noise", type=int, default=S,
                    help="columns (fixed noise vectors) of the sample grid (default 8; 0 = no sample grids)")
     g.add_argument("--eval-every", type=int, default=S,
-                   help="steps between learning-curve snapshots on held-out shapes prompts (alignment, coverage, "
-                        "mPPD, CLIP score → curves.jsonl, TensorBoard, curves.png); 0 = off (default: on for the "
-                        "embedded default)")
-    g.add_argument("--eval-prompts", type=int, default=S, help="held-out prompts per snapshot (default 16)")
-    g.add_argument("--eval-n", type=int, default=S, help="images per held-out prompt per snapshot (default 16)")
+                   help="steps between learning-curve snapshots of --eval-metrics (→ curves.jsonl, TensorBoard, "
+                        "curves.png); 0 = off (default: on for the embedded default)")
+    g.add_argument("--eval-metrics", default=S, metavar="LIST",
+                   help=f"comma list of {','.join(EVAL_METRICS)}: shapes = alignment, coverage, mPPD and CLIP "
+                        "score on held-out shapes prompts (shapes data only); fid, kid, clip_score = against "
+                        "--eval-ref, one image per caption (default shapes with shapes data; name them otherwise)")
+    g.add_argument("--eval-ref", default=S, metavar="REF",
+                   help="reference set of fid/kid/clip_score: a data spec with captions, as evaluate --ref "
+                        "(coco:ROOT takes its val split, coco:ANN.json[,IMAGES], folder:PATH, wds:PATTERN, shapes:...); "
+                        "its captions are the prompts")
+    g.add_argument("--eval-ref-stats", default=S, metavar="FILE.npz",
+                   help="precomputed reference statistics (as evaluate --ref-stats/--save-stats; mu/sigma, features "
+                        "too for kid) instead of reading the --eval-ref images")
+    g.add_argument("--eval-images", type=int, default=S,
+                   help="images per fid/kid/clip_score snapshot: one per caption, the first N of the reference's "
+                        "captions in evaluate's order for --seed (default 2000; fewer if it has fewer captions)")
+    g.add_argument("--inception-weights", default=S, metavar="PATH",
+                   help="standard Inception-v3 FID weights (.pth) for fid/kid, as evaluate (default: torch-fidelity's "
+                        "cache); checked before training starts")
+    g.add_argument("--eval-prompts", type=int, default=S, help="held-out prompts per shapes snapshot (default 16)")
+    g.add_argument("--eval-n", type=int, default=S, help="images per held-out prompt per shapes snapshot (default 16)")
     g.add_argument("--ema-kimg", type=float, default=S,
                    help="half-life of the EMA copy of G in thousands of images (samples, snapshots and checkpoints' "
                         "G_ema); 0 = off (default off; on for the embedded default)")
@@ -270,11 +291,10 @@ def _validate(a) -> None:
     for name in ("mi_weight", "clip_weight", "gp_weight", "kl_weight", "label_smoothing"):
         if not getattr(a.cfg, name) >= 0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 0, got {getattr(a.cfg, name)}")
-    if a.eval_every < 0 or a.eval_n < 2:
-        raise SystemExit(f"error: --eval-every must be >= 0 and --eval-n >= 2, got {a.eval_every}, {a.eval_n}")
-    if a.eval_every and not a.data.startswith("shapes"):
-        raise SystemExit(f"error: --eval-every scores held-out shapes prompts and needs --data shapes "
-                         f"(got {a.data!r}); pass --eval-every 0")
+    if a.eval_every < 0 or a.eval_n < 2 or a.eval_images < 2:
+        raise SystemExit(f"error: --eval-every must be >= 0 and --eval-n, --eval-images >= 2, got {a.eval_every}, "
+                         f"{a.eval_n}, {a.eval_images}")
+    a.eval_metrics = _eval_metrics(a)
     if a.ema_kimg < 0 or a.ema_rampup < 0:
         raise SystemExit(f"error: --ema-kimg and --ema-rampup must be >= 0, got {a.ema_kimg}, {a.ema_rampup}")
     if a.cfg.n_critic < 1:
@@ -283,6 +303,51 @@ def _validate(a) -> None:
         raise SystemExit("error: --gp-every must be >= 1")
     if a.resume and not a.out:
         raise SystemExit("error: --resume needs --out RUN_DIR (the run to continue)")
+
+
+def _eval_metrics(a) -> list:
+    """The snapshot metrics as a list ([] without --eval-every); one error line for a bad combination."""
+    shapes_data = a.data.startswith("shapes")
+    if not a.eval_every:
+        given = [f for f, v in (("--eval-metrics", a.eval_metrics), ("--eval-ref", a.eval_ref),
+                                ("--eval-ref-stats", a.eval_ref_stats)) if v]
+        if given:
+            raise SystemExit(f"error: {', '.join(given)} take(s) effect only with --eval-every N (steps between "
+                             f"snapshots, > 0)")
+        return []
+    if a.eval_metrics is None and not shapes_data:
+        raise SystemExit(f"error: --eval-every on --data {a.data} needs --eval-metrics (fid, kid, clip_score with "
+                         f"--eval-ref REF); the default, shapes, needs --data shapes")
+    names = list(dict.fromkeys(m.strip() for m in (a.eval_metrics or "shapes").split(",") if m.strip()))
+    unknown = [m for m in names if m not in EVAL_METRICS]
+    if unknown or not names:
+        raise SystemExit(f"error: --eval-metrics: unknown {','.join(unknown) or repr(a.eval_metrics)}; choose from "
+                         f"{','.join(EVAL_METRICS)}")
+    if "shapes" in names and not shapes_data:
+        raise SystemExit(f"error: --eval-metrics shapes scores held-out shapes prompts and needs --data shapes "
+                         f"(got {a.data!r}); use fid, kid, clip_score with --eval-ref")
+    if "shapes" in names and "clip_score" in names:
+        raise SystemExit("error: --eval-metrics: shapes already reports clip_score (on held-out shapes prompts); "
+                         "ask for shapes or clip_score")
+    ref_metrics = [m for m in names if m in REF_METRICS]
+    if ref_metrics and not a.eval_ref:
+        raise SystemExit(f"error: --eval-metrics {','.join(ref_metrics)} needs --eval-ref REF (a data spec with "
+                         f"captions: coco:ROOT, folder:PATH, wds:PATTERN, shapes:...)")
+    if a.eval_ref and not ref_metrics:
+        raise SystemExit(f"error: --eval-ref is read by fid, kid and clip_score; --eval-metrics {','.join(names)} "
+                         f"has none of them")
+    if a.eval_ref:
+        from .metrics.reference import is_data_spec
+
+        if not is_data_spec(a.eval_ref):
+            raise SystemExit(f"error: --eval-ref {a.eval_ref}: snapshot prompts are the reference's captions; give a "
+                             f"data spec with captions (coco:ROOT, folder:PATH, wds:PATTERN, shapes:...), not a "
+                             f"plain image folder")
+    if a.eval_ref_stats and not {"fid", "kid"} & set(names):
+        raise SystemExit("error: --eval-ref-stats is read by fid and kid only; add one to --eval-metrics")
+    if a.eval_ref_stats and not os.path.isfile(a.eval_ref_stats):
+        raise SystemExit(f"error: --eval-ref-stats {a.eval_ref_stats}: file not found")
+    return names
 
 
 # ------------------------------------------------------------------------------------------------
@@ -319,6 +384,8 @@ class Trainer:
         torch.manual_seed(args.seed)  # identical initialisation on every rank
         self.clip = FrozenCLIP(args.clip, pretrained=args.clip_pretrained, device=self.device)
         self.image_size = args.image_size or self.clip.image_size
+        # fid/kid/clip_score snapshots: weights, reference and its statistics before the data and models.
+        self._ref_evaluator = self._make_ref_evaluator() if self.is_main else None
         self.loader = self._make_loader()
         cache_dir = os.path.join(self._cache_dir(), "text-embeddings")
         try:  # encoded once, split across the ranks; kept on the host: batches gather their rows
@@ -352,7 +419,7 @@ class Trainer:
         self.sample_s = gather_rows(self.text_emb, torch.tensor(idx, dtype=torch.int64),
                                     self.device).repeat_interleave(args.sample_noise, 0)
         self.sample_z = torch.randn(args.sample_noise, self.cfg.z_dim, generator=gen).repeat(len(prompts), 1).to(self.device)
-        self.evaluator = self._make_evaluator() if args.eval_every and self.is_main else None
+        self.evaluator = self._make_evaluator() if args.eval_metrics and self.is_main else None
 
     # -- setup helpers ----------------------------------------------------------------------------
     def _cache_dir(self) -> str:
@@ -385,10 +452,48 @@ class Trainer:
             raise DataError(f"--data {a.data}: {msg}") from None
 
     def _make_evaluator(self):
-        from .metrics.curves import SnapshotEvaluator, heldout_prompts
+        """The snapshot evaluator of ``--eval-metrics``: the shapes metrics and/or the reference metrics."""
+        from .metrics.curves import SnapshotEvaluator, heldout_prompts, merged
 
-        prompts = heldout_prompts(self.args.eval_prompts, exclude=self.loader.captions)
-        return SnapshotEvaluator(self.clip, prompts, self.cfg.z_dim, self.args.eval_n, seed=self.args.seed)
+        parts = [self._ref_evaluator] if self._ref_evaluator is not None else []
+        if "shapes" in self.args.eval_metrics:
+            prompts = heldout_prompts(self.args.eval_prompts, exclude=self.loader.captions)
+            parts.insert(0, SnapshotEvaluator(self.clip, prompts, self.cfg.z_dim, self.args.eval_n, seed=self.args.seed))
+        return parts[0] if len(parts) == 1 else merged(parts)
+
+    def _make_ref_evaluator(self):
+        """fid/kid/clip_score against ``--eval-ref`` (None without them): the Inception weights, the reference
+        captions and statistics (computed once, cached as evaluate caches them, or ``--eval-ref-stats``).
+        Runs before training; a missing or bad file stops the run with one error line."""
+        from .metrics import fid as fid_lib
+        from .metrics.curves import ReferenceSnapshotEvaluator, isolated_rng
+        from .metrics.reference import load_reference
+
+        a = self.args
+        metrics = [m for m in a.eval_metrics if m in REF_METRICS]
+        if not metrics:
+            return None
+        extractor = None
+        if {"fid", "kid"} & set(metrics):
+            try:
+                with isolated_rng(self.device, a.seed):  # building Inception draws (then overwritten) init weights
+                    extractor = fid_lib.InceptionFeatures(a.inception_weights, self.device)
+            except (fid_lib.InceptionWeightsMissing, ValueError) as e:
+                raise SystemExit(f"error: --eval-metrics {','.join(metrics)}: {e}") from None
+        try:
+            with isolated_rng(self.device, a.seed):  # nothing here may move the training random streams
+                ref = load_reference(a.eval_ref, self.image_size, flag="--eval-ref")
+                real = None
+                if extractor is not None:
+                    real = fid_lib.reference_or_stats(
+                        ref, extractor, a.eval_ref_stats, "kid" in metrics, ("--eval-ref-stats", "--eval-ref"),
+                        cache_dir=self._cache_dir(), batch_size=64, size=self.image_size, progress=True)
+                prompts = ref.caption_order(a.seed)[:a.eval_images]
+                return ReferenceSnapshotEvaluator(self.clip, prompts, self.cfg.z_dim, metrics, extractor, real,
+                                                  seed=a.seed)
+        except (ValueError, OSError) as e:
+            msg = str(e) if str(e).startswith("--eval-ref") else f"--eval-ref {a.eval_ref}: {e}"
+            raise SystemExit(f"error: {msg}") from None
 
     def _compile(self):
         """Compile the generator and the discriminator parts that never see a double backward.
@@ -536,7 +641,7 @@ class Trainer:
 
     @torch.no_grad()
     def snapshot(self, progress: Progress) -> dict | None:
-        """Score the (EMA) generator on the held-out prompts; append to curves.jsonl, TensorBoard."""
+        """Score the (EMA) generator (``--eval-metrics``); append to curves.jsonl, TensorBoard."""
         from .metrics.curves import append_jsonl
 
         if self.evaluator is None:
@@ -552,8 +657,10 @@ class Trainer:
         path = os.path.join(self.out, "curves.jsonl")
         if self.evaluator is None or not os.path.isfile(path):
             return None
+        what = ("held-out shapes prompts" if self.args.eval_metrics == ["shapes"]
+                else f"{','.join(self.args.eval_metrics)}" + (f" vs {self.args.eval_ref}" if self.args.eval_ref else ""))
         return plot_curves({self.args.variant: read_jsonl(path)}, os.path.join(self.out, "curves.png"),
-                           title=f"{self.args.variant}: held-out shapes prompts ({self.out})")
+                           title=f"{self.args.variant}: {what} ({self.out})")
 
     @torch.no_grad()
     def write_samples(self, progress: Progress) -> str | None:
@@ -706,7 +813,7 @@ class Trainer:
             self.save()
         if log_now:
             self._optional("progress/TensorBoard logging", progress.log, self.step, self.images_seen, vals)
-        if a.eval_every and (self.step % a.eval_every == 0 or self.step == a.steps):
+        if a.eval_metrics and (self.step % a.eval_every == 0 or self.step == a.steps):
             self._optional("learning-curve snapshot", self.snapshot, progress)
         if self.step % a.sample_every == 0 or self.step == a.steps:
             self._optional("sample grid", self.write_samples, progress)

@@ -121,6 +121,9 @@ def test_eval_every_writes_learning_curve_and_does_not_change_training(cache, tm
         assert set(r["alignment_per_attribute"]) <= {"shape", "color", "size", "position", "background"}
         assert "shape" in r["alignment_per_attribute"]  # every shapes caption names the shape
         assert r["n_prompts"] == 2 and r["n_per_prompt"] == 2
+        assert set(r) == {"step", "images_seen", "alignment", "alignment_per_attribute", "coverage", "coverage_ideal",
+                          "coverage_per_attribute", "mppd", "mppd_backbone", "clip_score", "n_prompts",
+                          "n_per_prompt", "eval_seconds"}  # the shapes default record, nothing added
     assert os.path.getsize(os.path.join(a, "curves.png")) > 1000
     summary = json.load(open(os.path.join(a, "summary.json")))
     assert summary["eval"]["step"] == 4 and summary["eval"]["alignment"] == recs[-1]["alignment"]

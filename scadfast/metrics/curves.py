@@ -1,4 +1,4 @@
-"""Learning curves: the shapes metrics and CLIP score of a training run at snapshots (``--eval-every``).
+"""Learning curves: metrics of a training run at snapshots (``--eval-every``, ``--eval-metrics``).
 
 :class:`SnapshotEvaluator` scores a generator on a fixed set of **held-out prompts** — captions of the
 shapes grammar that are not training captions, each leaving at least one attribute free — with a
@@ -10,6 +10,11 @@ only by the weights. Per snapshot it gives:
 * ``mppd``: mean pairwise cosine distance of each prompt's images in the training CLIP's image
   embedding (the offline fallback backbone of ``evaluate``'s PPD; a diversity number for the curve),
 * ``clip_score``: 100·cos under the training CLIP.
+
+:class:`ReferenceSnapshotEvaluator` gives ``fid``, ``kid`` and ``clip_score`` against a reference set
+(COCO-style runs), by ``evaluate``'s caption protocol: one image per caption, the first N captions of
+the reference's seeded order, fixed noise per image; the reference statistics are computed (or loaded)
+once by the caller. :func:`merged` puts several evaluators into one record.
 
 Evaluation never feeds training: it runs under ``no_grad`` with its own noise generator and never
 touches the global RNG, so a run with snapshots is bitwise the run without them.
@@ -30,8 +35,8 @@ import torch
 
 from ..data import shapes as shp
 
-__all__ = ["HELDOUT_SEED", "heldout_prompts", "SnapshotEvaluator", "append_jsonl", "read_jsonl", "plot_curves",
-           "isolated_rng"]
+__all__ = ["HELDOUT_SEED", "heldout_prompts", "SnapshotEvaluator", "ReferenceSnapshotEvaluator", "merged",
+           "append_jsonl", "read_jsonl", "plot_curves", "isolated_rng"]
 
 #: Seed of the held-out prompt draw (the shapes training sets use seed 0; prompts that are training
 #: captions are excluded whatever the seed).
@@ -121,6 +126,101 @@ class SnapshotEvaluator:
         }
 
 
+class ReferenceSnapshotEvaluator:
+    """Scores ``generate(z, s) -> images`` with ``fid``, ``kid`` (and ``kid_std``) and ``clip_score`` on
+    one image per prompt (module doc). Prompts, noise and batching are ``evaluate``'s caption protocol, so
+    with the same seed, N and batch size a snapshot is ``evaluate --ref REF --fid-n N`` of those weights.
+
+    Args:
+        clip: the training :class:`~scadfast.models.clip.FrozenCLIP` (conditioning, CLIP score).
+        prompts: the captions, one generated image each (``Reference.caption_order(seed)[:n]``).
+        z_dim: noise size of the generator.
+        metrics: a subset of ``("fid", "kid", "clip_score")``.
+        extractor: the FID feature extractor (:class:`~scadfast.metrics.fid.InceptionFeatures`), for fid/kid.
+        real: the reference :class:`~scadfast.metrics.fid.FeatureSet` (with ``features`` for kid).
+        seed: seed of the fixed noise.
+        batch_size: generation batch (it also fixes the noise, as ``evaluate --batch-size``).
+    """
+
+    METRICS = ("fid", "kid", "clip_score")
+
+    def __init__(self, clip, prompts: Sequence[str], z_dim: int, metrics: Sequence[str], extractor=None, real=None,
+                 seed: int = 0, batch_size: int = 64):
+        from .clip_score import CLIPScorer, encode_prompts
+
+        self.metrics = [m for m in metrics if m in self.METRICS]
+        if len(prompts) < 2 or not self.metrics:
+            raise ValueError(f"ReferenceSnapshotEvaluator: needs >= 2 prompts and one of {self.METRICS}")
+        if {"fid", "kid"} & set(self.metrics) and (extractor is None or real is None):
+            raise ValueError("ReferenceSnapshotEvaluator: fid and kid need the extractor and the reference statistics")
+        if "kid" in self.metrics and real.features is None:
+            raise ValueError("ReferenceSnapshotEvaluator: kid needs the reference features, not mu/sigma only")
+        self.clip, self.prompts, self.extractor, self.real = clip, list(prompts), extractor, real
+        self.batch_size, self.seed = int(batch_size), int(seed)
+        self.s = encode_prompts(clip, self.prompts)
+        # evaluate's noise (its _stream_batches): drawn batch by batch from one generator seeded seed + 7,777,777
+        g, n = torch.Generator().manual_seed(int(seed) + 7_777_777), len(self.prompts)
+        self.z = torch.cat([torch.randn(min(self.batch_size, n - i), z_dim, generator=g)
+                            for i in range(0, n, self.batch_size)]).to(clip.device)
+        self.scorer = None
+        if "clip_score" in self.metrics:
+            label = f"training CLIP {clip.name}:{clip.pretrained}"
+            self.scorer = CLIPScorer(clip, self.prompts, label, progress=False, text=self.s)
+
+    @torch.no_grad()
+    def __call__(self, generate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> dict:
+        with isolated_rng(self.clip.device, self.seed):
+            return self._score(generate)
+
+    def _score(self, generate):
+        from . import fid as fid_lib
+        from .kid import kernel_inception_distance
+
+        t0 = time.perf_counter()
+        n, bs = len(self.prompts), self.batch_size
+        if self.scorer is not None:
+            self.scorer.reset()
+
+        def images():
+            for i in range(0, n, bs):
+                x = generate(self.z[i:i + bs], self.s[i:i + bs]).float().clamp(-1, 1)
+                if self.scorer is not None:
+                    self.scorer.add(x, torch.arange(i, i + len(x)))
+                yield x
+
+        out = {}
+        if self.extractor is not None:
+            keep = "kid" in self.metrics
+            fake = fid_lib.collect_features(images(), self.extractor, n, progress=False, keep=keep)
+            if "fid" in self.metrics:
+                out["fid"] = fid_lib.frechet_distance(self.real.mu, self.real.sigma, fake.mu, fake.sigma)
+            if keep:
+                dev = getattr(self.extractor, "device", "cpu")
+                r = kernel_inception_distance(torch.from_numpy(fake.features).to(dev),
+                                              torch.from_numpy(self.real.features).to(dev))
+                out.update(kid=r["kid"], kid_std=r["kid_std"])
+            out["n_real"] = self.real.n if self.real.n >= 0 else None
+        else:
+            for _ in images():
+                pass
+        if self.scorer is not None:
+            out["clip_score"] = self.scorer.result()["clip_score"]
+        return {**out, "n_images": n, "eval_seconds": round(time.perf_counter() - t0, 2)}
+
+
+def merged(evaluators: Sequence[Callable]) -> Callable:
+    """One evaluator from several: each one's record in turn, merged (``eval_seconds`` summed)."""
+    def run(generate):
+        rec, secs = {}, 0.0
+        for e in evaluators:
+            r = e(generate)
+            secs += r.get("eval_seconds", 0.0)
+            rec.update(r)
+        rec["eval_seconds"] = round(secs, 2)
+        return rec
+    return run
+
+
 @contextlib.contextmanager
 def isolated_rng(device, seed: int):
     """Run the block with the global RNG forked (restored on exit) and seeded with ``seed``: evaluation
@@ -153,7 +253,7 @@ def read_jsonl(path: str) -> List[dict]:
 
 _PANELS = (("alignment", "alignment (all named attributes)"), ("shape", "shape alignment"),
            ("coverage", "coverage of free attributes"), ("mppd", "mPPD (CLIP fallback, cosine)"),
-           ("clip_score", "CLIP score"))
+           ("clip_score", "CLIP score"), ("fid", "FID"), ("kid", "KID"))
 
 
 def _value(rec: Mapping, key: str):
@@ -165,6 +265,7 @@ def _value(rec: Mapping, key: str):
 def plot_curves(runs: Mapping[str, Sequence[Mapping]], path: str, title: str = "") -> str:
     """Draw each run's snapshot records (label → records with ``step``) into one PNG; returns ``path``.
 
+    One panel per metric the records hold (a COCO-style run's records have ``fid`` but no ``alignment``).
     Several records per step (seeds) are drawn as their mean with a min–max band. The coverage panel
     shows the ideal coverage at this N as a dashed line.
     """
@@ -173,9 +274,12 @@ def plot_curves(runs: Mapping[str, Sequence[Mapping]], path: str, title: str = "
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(_PANELS), figsize=(4.0 * len(_PANELS), 3.4))
+    panels = [(k, name) for k, name in _PANELS if any(_value(r, k) is not None for recs in runs.values() for r in recs)]
+    panels = panels or list(_PANELS[:1])
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.4), squeeze=False)
+    axes = list(axes[0])
     for label, recs in runs.items():
-        for ax, (key, name) in zip(axes, _PANELS):
+        for ax, (key, name) in zip(axes, panels):
             by_step: Dict[int, List[float]] = {}
             for r in recs:
                 v = _value(r, key)
@@ -189,15 +293,16 @@ def plot_curves(runs: Mapping[str, Sequence[Mapping]], path: str, title: str = "
             if any(len(by_step[s]) > 1 for s in steps):
                 ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps],
                                 color=line.get_color(), alpha=0.2)
-    for ax, (key, name) in zip(axes, _PANELS):
+    for ax, (key, name) in zip(axes, panels):
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         if key in ("alignment", "shape", "coverage"):
             ax.set_ylim(0, 1)
     ideal = [r["coverage_ideal"] for recs in runs.values() for r in recs if r.get("coverage_ideal") is not None]
-    if ideal:
-        axes[2].axhline(sum(ideal) / len(ideal), ls="--", color="gray", lw=1, label="ceiling at this N")
+    if ideal and "coverage" in dict(panels):
+        axes[[k for k, _ in panels].index("coverage")].axhline(sum(ideal) / len(ideal), ls="--", color="gray", lw=1,
+                                                                label="ceiling at this N")
     axes[0].legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=11)
