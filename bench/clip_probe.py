@@ -15,6 +15,10 @@ accuracy on the rest, for three views:
 * ``d_mean``: D's feature blocks, each mean-pooled over the patch grid, concatenated;
 * ``d_last``: all patch tokens of D's last feature block, flattened.
 
+With ``--all-blocks`` it adds, for every block ``i`` of the vision tower (not only D's), the view
+``block<i>``: the patch tokens mean- and max-pooled over the grid (position-invariant, as a shape
+readout needs when the object can be anywhere), concatenated — which block, if any, carries shape.
+
 It also reports the zero-shot retrieval of ``scadfast.pretrain_clip.retrieval_metrics`` on the
 same images. Nothing here touches GAN training: it measures a CLIP checkpoint.
 """
@@ -56,6 +60,19 @@ def encode_views(clip: FrozenCLIP, images_u8: torch.Tensor, batch_size: int = 25
     return {k: torch.cat(v) for k, v in out.items()}
 
 
+@torch.no_grad()
+def encode_blocks(clip: FrozenCLIP, images_u8: torch.Tensor, batch_size: int = 250) -> dict:
+    """uint8 images → {"block<i>": (N, 2·width) mean ‖ max over the patch grid} for every vision block."""
+    keep, clip.feature_blocks = clip.feature_blocks, tuple(range(clip.n_blocks))
+    try:
+        chunks = [clip.image_features(images_u8[i:i + batch_size].float() / 127.5 - 1.0, pooled=False).float()
+                  for i in range(0, len(images_u8), batch_size)]
+    finally:
+        clip.feature_blocks = keep
+    f = torch.cat(chunks)  # (N, n_blocks, width, g, g)
+    return {f"block{b}": torch.cat([f[:, b].mean(dim=(2, 3)), f[:, b].amax(dim=(2, 3))], 1) for b in range(f.shape[1])}
+
+
 def probe_accuracy(x: torch.Tensor, y: torch.Tensor, n_fit: int, l2: float = 1e-3, iters: int = 200) -> float:
     """Held-out accuracy of a multinomial logistic regression fit (L-BFGS) on the first ``n_fit`` rows."""
     xf, yf, xt, yt = x[:n_fit], y[:n_fit], x[n_fit:], y[n_fit:]
@@ -77,14 +94,17 @@ def probe_accuracy(x: torch.Tensor, y: torch.Tensor, n_fit: int, l2: float = 1e-
         return float(((xt @ w + b).argmax(1) == yt).float().mean())
 
 
-def run(clip_pretrained: str, n: int, n_fit: int, seed: int, data_root: str, iters: int = 200) -> dict:
+def run(clip_pretrained: str, n: int, n_fit: int, seed: int, data_root: str, iters: int = 200,
+        all_blocks: bool = False) -> dict:
     clip = FrozenCLIP(TINY_NAME, pretrained=clip_pretrained)
     path = shp.make_shapes_dataset(data_root, n=n, image_size=clip.image_size, seed=seed)
     imgs, attrs, rows = pc.load_shapes_images(path)
     t0 = time.perf_counter()
     views = encode_views(clip, imgs)
-    probes = {v: {a: round(probe_accuracy(views[v], attrs[:, k], n_fit, iters=iters), 4)
-                  for k, a in enumerate(shp.ATTRIBUTE_NAMES)} for v in VIEWS}
+    if all_blocks:
+        views.update(encode_blocks(clip, imgs))
+    probes = {v: {a: round(probe_accuracy(x, attrs[:, k], n_fit, iters=iters), 4)
+                  for k, a in enumerate(shp.ATTRIBUTE_NAMES)} for v, x in views.items()}
     zero_shot = pc.retrieval_metrics(clip.model, clip.tokenize, imgs[n_fit:], attrs[n_fit:],
                                      [r["caption"] for r in rows[n_fit:]])
     return {"schema": SCHEMA, "clip": TINY_NAME, "clip_pretrained": clip_pretrained,
@@ -103,6 +123,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=4242, help="render seed (no training set uses it)")
     p.add_argument("--data-root", default=None, help="where the images are rendered (default: a temp dir)")
     p.add_argument("--iters", type=int, default=200, help="L-BFGS iterations per probe")
+    p.add_argument("--all-blocks", action="store_true",
+                   help="also probe every vision block's patch tokens, mean‖max-pooled (views block<i>)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="JSON output (default: print only)")
     a = p.parse_args(argv)
@@ -111,9 +133,9 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        res = run(a.clip_pretrained, a.n, a.fit, a.seed, a.data_root or tmp, a.iters)
+        res = run(a.clip_pretrained, a.n, a.fit, a.seed, a.data_root or tmp, a.iters, a.all_blocks)
     print("probe held-out accuracy (rows: view; columns: " + ", ".join(shp.ATTRIBUTE_NAMES) + ")")
-    for v in VIEWS:
+    for v in res["probe_heldout_accuracy"]:
         print(f"  {v:7s} " + "  ".join(f"{res['probe_heldout_accuracy'][v][a]:.3f}" for a in shp.ATTRIBUTE_NAMES))
     print("zero-shot: " + ", ".join(f"{k}={v}" for k, v in res["zero_shot"].items()))
     if a.out:

@@ -40,3 +40,25 @@ def test_tiny_run_writes_json(tmp_path):
     # The shipped weights read the background off the pooled embedding even from 40 examples.
     assert acc["pooled"]["background"] > 0.6
     assert res["zero_shot"]["num_images"] == 20
+
+
+def test_all_blocks_adds_one_position_invariant_view_per_block(tmp_path):
+    cp = _load()
+    out = tmp_path / "probe.json"
+    assert cp.main(["--n", "60", "--fit", "40", "--iters", "10", "--all-blocks", "--data-root", str(tmp_path / "data"),
+                    "--out", str(out)]) == 0
+    acc = json.loads(out.read_text())["probe_heldout_accuracy"]
+    assert set(acc) == set(cp.VIEWS) | {f"block{i}" for i in range(6)}  # scadfast-tiny has 6 vision blocks
+
+
+def test_encode_blocks_is_mean_and_max_of_each_block_and_restores_feature_blocks():
+    cp = _load()
+    from scadfast.models.clip import TINY_NAME, FrozenCLIP
+
+    clip = FrozenCLIP(TINY_NAME, pretrained="shapes")
+    imgs = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    views = cp.encode_blocks(clip, imgs)
+    assert clip.feature_blocks == (0, 2, 4)
+    feats, _ = clip.image_features(imgs.float() / 127.5 - 1.0)  # D's blocks 0, 2, 4
+    b2 = feats[:, 1].float()
+    assert torch.allclose(views["block2"], torch.cat([b2.mean(dim=(2, 3)), b2.amax(dim=(2, 3))], 1), atol=1e-5)
