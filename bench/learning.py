@@ -103,6 +103,32 @@ def table(by_variant) -> str:
     return "\n".join(lines)
 
 
+def _mean_sd(xs):
+    m = sum(xs) / len(xs)
+    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else float("nan"))
+
+
+def claim(by_variant, base="galip", metrics=("mppd", "coverage", "alignment")) -> str:
+    """SCAD's claim against ``base``: per metric, the difference of final-snapshot means ± its standard
+    error (sqrt(sd_a²/n_a + sd_b²/n_b), seeds as samples); only variants with ≥ 2 seeds, as the base."""
+    if len(by_variant.get(base, ())) < 2:
+        return ""
+    finals = {v: [recs[-1] for _, recs, _ in runs] for v, runs in by_variant.items()}
+    head = f"| vs `{base}` (Δ mean ± s.e., seeds) | " + " | ".join(f"Δ {m}" for m in metrics) + " |"
+    lines = [head, "|" + "---|" * (len(metrics) + 1)]
+    for v in by_variant:
+        if v == base or len(finals[v]) < 2 or not v.startswith("scad"):
+            continue
+        cells = []
+        for m in metrics:
+            (ma, sa), (mb, sb) = _mean_sd([f[m] for f in finals[v]]), _mean_sd([f[m] for f in finals[base]])
+            se = math.sqrt(sa ** 2 / len(finals[v]) + sb ** 2 / len(finals[base]))
+            ratio = f" ({(ma - mb) / se:+.1f} s.e.)" if se > 0 else ""
+            cells.append(f"{ma - mb:+.3f} ± {se:.3f}{ratio}")
+        lines.append(f"| `{v}` ({len(finals[v])} vs {len(finals[base])}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def report(a) -> int:
     from scadfast.metrics.curves import plot_curves
 
@@ -114,6 +140,9 @@ def report(a) -> int:
                       os.path.join(ROOT, "docs", "learning-curves.png"),
                       title="embedded default, held-out shapes prompts (mean over seeds, band = min–max)")
     md = table(by_variant)
+    vs = claim(by_variant)
+    if vs:
+        md += "\n\n" + vs
     machines = sorted({s.get("machine", "?") for runs in by_variant.values() for _, _, s in runs if s})
     md += f"\n\nMachine: {', '.join(machines)}. Raw snapshots: `docs/results/learning/*.jsonl`; curves: `{os.path.relpath(png, ROOT)}`."
     print(md)

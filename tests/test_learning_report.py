@@ -46,3 +46,19 @@ def test_report_table_mean_std_over_seeds_and_readme_splice(learning, tmp_path, 
 def test_report_without_runs_says_so(learning, capsys):
     assert learning.main(["report"]) == 2
     assert "no kept runs" in capsys.readouterr().err
+
+
+def test_claim_rows_give_difference_and_standard_error_against_galip(learning):
+    def final(a, mppd):
+        return [dict(_rec(100, a, 0.2), mppd=mppd)]
+
+    by_variant = {"galip": [(0, final(0.1, 0.2), {}), (1, final(0.3, 0.4), {})],
+                  "scad_mi": [(0, final(0.1, 0.5), {}), (1, final(0.3, 0.7), {})],
+                  "scad": [(0, final(0.2, 0.3), {})]}  # one seed: no row
+    md = learning.claim(by_variant)
+    rows = [line for line in md.splitlines() if line.startswith("| `")]
+    assert len(rows) == 1 and rows[0].startswith("| `scad_mi` (2 vs 2)")
+    # Δ mPPD = 0.6 - 0.3; both sd = 0.1414 → s.e. = sqrt(0.02/2 + 0.02/2) = 0.1414
+    assert "+0.300 ± 0.141 (+2.1 s.e.)" in rows[0]
+    assert "+0.000 ± 0.141 (+0.0 s.e.)" in rows[0]  # alignment: same means
+    assert learning.claim({"galip": by_variant["galip"][:1], "scad_mi": by_variant["scad_mi"]}) == ""
