@@ -75,15 +75,17 @@ def _runs():
     return by_variant
 
 
+def _mean_sd(xs):
+    m = sum(xs) / len(xs)
+    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else float("nan"))
+
+
 def _ms(xs):
     xs = [x for x in xs if x is not None]
     if not xs:
         return "–"
-    m = sum(xs) / len(xs)
-    if len(xs) == 1:
-        return f"{m:.3f}"
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
-    return f"{m:.3f} ± {sd:.3f}"
+    m, sd = _mean_sd(xs)
+    return f"{m:.3f}" if len(xs) == 1 else f"{m:.3f} ± {sd:.3f}"
 
 
 def table(by_variant) -> str:
@@ -101,11 +103,6 @@ def table(by_variant) -> str:
             + f" | {_ms([f['coverage'] for f in finals])} ({ceil:.2f}) | {_ms([f['mppd'] for f in finals])} | "
             f"{_ms([f['clip_score'] for f in finals])} | {_ms(walls) if walls else '–'} |")
     return "\n".join(lines)
-
-
-def _mean_sd(xs):
-    m = sum(xs) / len(xs)
-    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else float("nan"))
 
 
 def claim(by_variant, base="galip", metrics=("mppd", "coverage", "alignment")) -> str:

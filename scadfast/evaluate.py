@@ -147,12 +147,12 @@ def _default_prompts(n: int, seed: int) -> list[str]:
 
 def _stream_batches(loaded, prompts: list[str], n: int, seed: int, batch_size: int):
     """``n`` images, image i for prompt ``i mod len(prompts)``: yields (prompt indices, images in [-1, 1])."""
-    g = torch.Generator().manual_seed(seed + 7_777_777)
+    from .metrics.reference import protocol_noise
+
     with torch.no_grad():
-        for i in range(0, n, batch_size):
-            b = min(batch_size, n - i)
-            idx = [(i + k) % len(prompts) for k in range(b)]
-            z = torch.randn(b, loaded.pair.z_dim, generator=g).to(loaded.device)
+        for i, z in zip(range(0, n, batch_size), protocol_noise(n, loaded.pair.z_dim, seed, batch_size)):
+            idx = [(i + k) % len(prompts) for k in range(len(z))]
+            z = z.to(loaded.device)
             yield idx, loaded.pair.generate(z, loaded.embed([prompts[j] for j in idx])).float().clamp(-1, 1)
 
 

@@ -147,6 +147,7 @@ class ReferenceSnapshotEvaluator:
     def __init__(self, clip, prompts: Sequence[str], z_dim: int, metrics: Sequence[str], extractor=None, real=None,
                  seed: int = 0, batch_size: int = 64):
         from .clip_score import CLIPScorer, encode_prompts
+        from .reference import protocol_noise
 
         self.metrics = [m for m in metrics if m in self.METRICS]
         if len(prompts) < 2 or not self.metrics:
@@ -158,10 +159,7 @@ class ReferenceSnapshotEvaluator:
         self.clip, self.prompts, self.extractor, self.real = clip, list(prompts), extractor, real
         self.batch_size, self.seed = int(batch_size), int(seed)
         self.s = encode_prompts(clip, self.prompts)
-        # evaluate's noise (its _stream_batches): drawn batch by batch from one generator seeded seed + 7,777,777
-        g, n = torch.Generator().manual_seed(int(seed) + 7_777_777), len(self.prompts)
-        self.z = torch.cat([torch.randn(min(self.batch_size, n - i), z_dim, generator=g)
-                            for i in range(0, n, self.batch_size)]).to(clip.device)
+        self.z = torch.cat(list(protocol_noise(len(self.prompts), z_dim, seed, self.batch_size))).to(clip.device)
         self.scorer = None
         if "clip_score" in self.metrics:
             label = f"training CLIP {clip.name}:{clip.pretrained}"

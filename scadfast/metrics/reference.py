@@ -25,7 +25,7 @@ import torch
 
 from .features import iter_images, list_image_files
 
-__all__ = ["Reference", "load_reference", "is_data_spec"]
+__all__ = ["Reference", "load_reference", "is_data_spec", "protocol_noise"]
 
 _SPEC_KINDS = ("coco", "folder", "wds", "shapes")
 
@@ -64,6 +64,15 @@ class Reference:
             raise ValueError(f"{self.source} has no captions")
         perm = np.random.RandomState(seed).permutation(len(self.captions))
         return [self.captions[i] for i in perm]
+
+
+def protocol_noise(n: int, z_dim: int, seed: int, batch_size: int) -> Iterator[torch.Tensor]:
+    """The fixed noise of the caption protocol (``evaluate``, and train's fid/kid/clip_score snapshots):
+    ``n`` vectors, one per generated image, drawn ``batch_size`` at a time (CPU) from one generator seeded
+    ``seed + 7,777,777`` — so the same seed, N and batch size give the same images in both."""
+    g = torch.Generator().manual_seed(int(seed) + 7_777_777)
+    for i in range(0, n, batch_size):
+        yield torch.randn(min(batch_size, n - i), z_dim, generator=g)
 
 
 def _file_identity(files: List[str]) -> Callable[[], Iterator[str]]:
