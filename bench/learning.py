@@ -1,7 +1,7 @@
 """Learning curves and the reproduction table on the embedded default (shapes + scadfast-tiny).
 
-    python bench/learning.py run --variants galip,scad_mi --seeds 0,1,2 [--steps N] [-- TRAIN FLAGS...]
-    python bench/learning.py report [--readme README.md]
+    python bench/learning.py run --variants galip,scad_mi --seeds 0,1,2 [--steps N] [--set NAME] [-- TRAIN FLAGS...]
+    python bench/learning.py report [--set NAME] [--readme README.md]
 
 ``run`` trains each (variant, seed) with ``python -m scadfast.train`` (learning-curve snapshots on,
 as in the embedded default) into ``runs/learning/<variant>-s<seed>`` and keeps what the table needs
@@ -13,6 +13,11 @@ sample grid). Runs one training at a time.
 seeds with its min–max band) and the markdown table of the final snapshots (mean ± std over seeds),
 which it prints and, with ``--readme``, splices into README.md between ``<!-- learning:begin -->`` and
 ``<!-- learning:end -->``. Nothing is typed by hand: the table is the JSON.
+
+``--set NAME`` keeps another set of runs apart from the reproduction table (default ``learning``): its
+JSON under ``docs/results/NAME/``, grids under ``docs/samples/NAME/``, curves in ``docs/NAME-curves.png``
+and the README block between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->``; e.g. the longer recipe:
+``run --variants scad_mi --seeds 0 --set long-run -- --config configs/cpu_long.yaml``.
 """
 
 from __future__ import annotations
@@ -31,12 +36,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEEP = os.path.join(ROOT, "docs", "results", "learning")
 SAMPLES = os.path.join(ROOT, "docs", "samples", "learning")
 BEGIN, END = "<!-- learning:begin -->", "<!-- learning:end -->"
+DEFAULT_SET = "learning"
 ATTRS = ("shape", "color", "size", "position", "background")
 
 
+def _set_paths(name: str):
+    """(results dir, sample-grid dir, curves PNG, README markers) of the kept set ``name``."""
+    if name == DEFAULT_SET:
+        return KEEP, SAMPLES, os.path.join(ROOT, "docs", "learning-curves.png"), (BEGIN, END)
+    return (os.path.join(os.path.dirname(KEEP), name), os.path.join(os.path.dirname(SAMPLES), name),
+            os.path.join(ROOT, "docs", f"{name}-curves.png"), (f"<!-- {name}:begin -->", f"<!-- {name}:end -->"))
+
+
 def run(a, extra) -> int:
-    os.makedirs(KEEP, exist_ok=True)
-    os.makedirs(SAMPLES, exist_ok=True)
+    keep, samples, _, _ = _set_paths(a.set)
+    os.makedirs(keep, exist_ok=True)
+    os.makedirs(samples, exist_ok=True)
     for v in a.variants.split(","):
         for seed in [int(x) for x in a.seeds.split(",")]:
             name = f"{v}-s{seed}"
@@ -56,20 +71,20 @@ def run(a, extra) -> int:
             summary.update(command=" ".join(["python", "-m", "scadfast.train", *cmd[3:]]),
                            wall_with_setup_s=round(time.time() - t0, 1), date=time.strftime("%Y-%m-%d"),
                            machine=a.machine)
-            shutil.copy(os.path.join(out, "curves.jsonl"), os.path.join(KEEP, name + ".jsonl"))
-            json.dump(summary, open(os.path.join(KEEP, name + ".summary.json"), "w"), indent=1)
-            shutil.copy(os.path.join(out, "samples", "latest.png"), os.path.join(SAMPLES, name + ".png"))
+            shutil.copy(os.path.join(out, "curves.jsonl"), os.path.join(keep, name + ".jsonl"))
+            json.dump(summary, open(os.path.join(keep, name + ".summary.json"), "w"), indent=1)
+            shutil.copy(os.path.join(out, "samples", "latest.png"), os.path.join(samples, name + ".png"))
     return 0
 
 
-def _runs():
+def _runs(keep):
     from scadfast.metrics.curves import read_jsonl
 
     by_variant = {}
-    for path in sorted(glob.glob(os.path.join(KEEP, "*.jsonl"))):
+    for path in sorted(glob.glob(os.path.join(keep, "*.jsonl"))):
         name = os.path.basename(path)[:-6]
         variant, seed = name.rsplit("-s", 1)
-        summ = os.path.join(KEEP, name + ".summary.json")
+        summ = os.path.join(keep, name + ".summary.json")
         by_variant.setdefault(variant, []).append(
             (int(seed), read_jsonl(path), json.load(open(summ)) if os.path.exists(summ) else {}))
     return by_variant
@@ -129,28 +144,30 @@ def claim(by_variant, base="galip", metrics=("mppd", "coverage", "alignment")) -
 def report(a) -> int:
     from scadfast.metrics.curves import plot_curves
 
-    by_variant = _runs()
+    keep, _, png, (begin, end) = _set_paths(a.set)
+    by_variant = _runs(keep)
     if not by_variant:
-        print(f"error: no kept runs in {KEEP}; run `python bench/learning.py run` first", file=sys.stderr)
+        print(f"error: no kept runs in {keep}; run `python bench/learning.py run --set {a.set}` first", file=sys.stderr)
         return 2
-    png = plot_curves({v: [r for _, recs, _ in runs for r in recs] for v, runs in by_variant.items()},
-                      os.path.join(ROOT, "docs", "learning-curves.png"),
-                      title="embedded default, held-out shapes prompts (mean over seeds, band = min–max)")
+    recipe = "embedded default" if a.set == DEFAULT_SET else a.set
+    png = plot_curves({v: [r for _, recs, _ in runs for r in recs] for v, runs in by_variant.items()}, png,
+                      title=f"{recipe}, held-out shapes prompts (mean over seeds, band = min–max)")
     md = table(by_variant)
     vs = claim(by_variant)
     if vs:
         md += "\n\n" + vs
     machines = sorted({s.get("machine", "?") for runs in by_variant.values() for _, _, s in runs if s})
-    md += f"\n\nMachine: {', '.join(machines)}. Raw snapshots: `docs/results/learning/*.jsonl`; curves: `{os.path.relpath(png, ROOT)}`."
+    md += (f"\n\nMachine: {', '.join(machines)}. Raw snapshots: `{os.path.relpath(keep, ROOT)}/*.jsonl`; "
+           f"curves: `{os.path.relpath(png, ROOT)}`.")
     print(md)
     if a.readme:
         text = open(a.readme).read()
-        if BEGIN not in text or END not in text:
-            print(f"error: {a.readme} has no {BEGIN} … {END} markers", file=sys.stderr)
+        if begin not in text or end not in text:
+            print(f"error: {a.readme} has no {begin} … {end} markers", file=sys.stderr)
             return 2
-        pre, rest = text.split(BEGIN, 1)
-        post = rest.split(END, 1)[1]
-        open(a.readme, "w").write(pre + BEGIN + "\n" + md + "\n" + END + post)
+        pre, rest = text.split(begin, 1)
+        post = rest.split(end, 1)[1]
+        open(a.readme, "w").write(pre + begin + "\n" + md + "\n" + end + post)
     return 0
 
 
@@ -169,8 +186,12 @@ def main(argv=None) -> int:
     r.add_argument("--runs", default=os.path.join(ROOT, "runs", "learning"))
     r.add_argument("--machine", default="2-core CPU (no GPU)", help="recorded with each run")
     q = sub.add_parser("report")
+    for sp in (r, q):
+        sp.add_argument("--set", default=DEFAULT_SET, help="which kept set of runs (default: the reproduction table)")
     q.add_argument("--readme", default=None)
     a = p.parse_args(argv)
+    if not a.set or not all(c.isalnum() or c in "-_" for c in a.set):
+        p.error(f"--set {a.set!r}: use letters, digits, '-' and '_' (it names docs/results/SET)")
     return run(a, extra) if a.cmd == "run" else report(a)
 
 

@@ -14,7 +14,7 @@ def learning(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("learning", os.path.join(ROOT, "bench", "learning.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    monkeypatch.setattr(mod, "KEEP", str(tmp_path / "keep"))
+    monkeypatch.setattr(mod, "KEEP", str(tmp_path / "docs" / "results" / "learning"))
     monkeypatch.setattr(mod, "ROOT", str(tmp_path))
     os.makedirs(mod.KEEP)
     return mod
@@ -62,3 +62,22 @@ def test_claim_rows_give_difference_and_standard_error_against_galip(learning):
     assert "+0.300 ± 0.141 (+2.1 s.e.)" in rows[0]
     assert "+0.000 ± 0.141 (+0.0 s.e.)" in rows[0]  # alignment: same means
     assert learning.claim({"galip": by_variant["galip"][:1], "scad_mi": by_variant["scad_mi"]}) == ""
+
+
+def test_report_of_another_set_keeps_apart_from_the_reproduction_table(learning, tmp_path):
+    other = os.path.join(os.path.dirname(learning.KEEP), "long-run")
+    os.makedirs(other)
+    with open(os.path.join(other, "scad_mi-s0.jsonl"), "w") as f:
+        for r in (_rec(0, 0.0, 0.1), _rec(4000, 0.25, 0.3)):
+            f.write(json.dumps(r) + "\n")
+    readme = tmp_path / "README.md"
+    block = f"{learning.BEGIN}\ntable stays\n{learning.END}"
+    readme.write_text(f"{block}\n<!-- long-run:begin -->\nold\n<!-- long-run:end -->\n")
+    assert learning.main(["report", "--set", "long-run", "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith(block) and "old" not in text
+    assert "| `scad_mi` | 0 | 4000 | 0.250 |" in text and "docs/results/long-run/*.jsonl" in text
+    assert os.path.getsize(tmp_path / "docs" / "long-run-curves.png") > 1000
+    assert not os.path.exists(tmp_path / "docs" / "learning-curves.png")
+    with pytest.raises(SystemExit):
+        learning.main(["report", "--set", "../x"])
