@@ -2,6 +2,7 @@
 
     python bench/learning.py run --variants galip,scad_mi --seeds 0,1,2 [--steps N] [--set NAME] [-- TRAIN FLAGS...]
     python bench/learning.py report [--set NAME] [--readme README.md]
+    python bench/learning.py real
 
 ``run`` trains each (variant, seed) with ``python -m scadfast.train`` (learning-curve snapshots on,
 as in the embedded default) into ``runs/learning/<variant>-s<seed>`` and keeps what the table needs
@@ -13,6 +14,11 @@ sample grid). Runs one training at a time.
 seeds with its min–max band) and the markdown table of the final snapshots (mean ± std over seeds),
 which it prints and, with ``--readme``, splices into README.md between ``<!-- learning:begin -->`` and
 ``<!-- learning:end -->``. Nothing is typed by hand: the table is the JSON.
+
+``real`` scores real renders of the same held-out prompts (the shapes ground-truth sampler: what a
+perfect generator would draw) with the same snapshot evaluator — prompts, classifier and CLIP as in a
+run — into ``docs/results/learning/real-renders.json``; ``report`` adds it as the table's first row, the
+ceiling of every column (and the CLIP score real images get).
 
 ``--set NAME`` keeps another set of runs apart from the reproduction table (default ``learning``): its
 JSON under ``docs/results/NAME/``, grids under ``docs/samples/NAME/``, curves in ``docs/NAME-curves.png``
@@ -77,6 +83,36 @@ def run(a, extra) -> int:
     return 0
 
 
+REAL = "real-renders.json"
+
+
+def real(a) -> int:
+    import tempfile
+
+    import torch
+
+    from scadfast import train
+    from scadfast.metrics.shapes_truth import render_prompt_images
+
+    with tempfile.TemporaryDirectory() as tmp:  # a default run's evaluator: its held-out prompts, classifier, CLIP
+        ev = train.Trainer(train.parse_args(["--variant", "scad_mi", "--out", os.path.join(tmp, "run")])).evaluator
+    calls = {}
+
+    def generate(z, s):  # the prompt is the held-out text embedding s was taken from
+        i = int(torch.cdist(s[:1].float(), ev.s).argmin())
+        calls[i] = calls.get(i, 0) + 1
+        return render_prompt_images(ev.prompts[i], len(z), seed=1000 * i + calls[i])
+
+    rec = dict(ev(generate), source="real renders of each held-out prompt (shapes ground-truth sampler)",
+               prompts=ev.prompts, date=time.strftime("%Y-%m-%d"))
+    path = os.path.join(_set_paths(a.set)[0], REAL)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    json.dump(rec, open(path, "w"), indent=1)
+    print(f"alignment {rec['alignment']:.3f} | coverage {rec['coverage']:.3f} (ceiling {rec['coverage_ideal']:.2f}) | "
+          f"mPPD {rec['mppd']:.3f} | CLIP score {rec['clip_score']:.1f} -> {os.path.relpath(path, ROOT)}")
+    return 0
+
+
 def _runs(keep):
     from scadfast.metrics.curves import read_jsonl
 
@@ -103,10 +139,15 @@ def _ms(xs):
     return f"{m:.3f}" if len(xs) == 1 else f"{m:.3f} ± {sd:.3f}"
 
 
-def table(by_variant) -> str:
+def table(by_variant, real_rec=None) -> str:
     head = ("| variant | seeds | steps | alignment ↑ | " + " | ".join(ATTRS) + " | coverage ↑ (ceiling) | "
             "mPPD ↑ | CLIP score | wall (min) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    if real_rec:
+        r = real_rec
+        lines.append(f"| real renders | – | – | {r['alignment']:.3f} | "
+                     + " | ".join(f"{r['alignment_per_attribute'][k]:.3f}" for k in ATTRS)
+                     + f" | {r['coverage']:.3f} ({r['coverage_ideal']:.2f}) | {r['mppd']:.3f} | {r['clip_score']:.3f} | – |")
     for v, runs in by_variant.items():
         finals = [recs[-1] for _, recs, _ in runs]
         ceil = finals[0].get("coverage_ideal")
@@ -152,7 +193,8 @@ def report(a) -> int:
     recipe = "embedded default" if a.set == DEFAULT_SET else a.set
     png = plot_curves({v: [r for _, recs, _ in runs for r in recs] for v, runs in by_variant.items()}, png,
                       title=f"{recipe}, held-out shapes prompts (mean over seeds, band = min–max)")
-    md = table(by_variant)
+    real_path = os.path.join(keep, REAL)
+    md = table(by_variant, json.load(open(real_path)) if os.path.exists(real_path) else None)
     vs = claim(by_variant)
     if vs:
         md += "\n\n" + vs
@@ -186,13 +228,14 @@ def main(argv=None) -> int:
     r.add_argument("--runs", default=os.path.join(ROOT, "runs", "learning"))
     r.add_argument("--machine", default="2-core CPU (no GPU)", help="recorded with each run")
     q = sub.add_parser("report")
-    for sp in (r, q):
+    g = sub.add_parser("real", help="score real renders of the held-out prompts (the table's ceiling row)")
+    for sp in (r, q, g):
         sp.add_argument("--set", default=DEFAULT_SET, help="which kept set of runs (default: the reproduction table)")
     q.add_argument("--readme", default=None)
     a = p.parse_args(argv)
     if not a.set or not all(c.isalnum() or c in "-_" for c in a.set):
         p.error(f"--set {a.set!r}: use letters, digits, '-' and '_' (it names docs/results/SET)")
-    return run(a, extra) if a.cmd == "run" else report(a)
+    return {"run": lambda: run(a, extra), "report": lambda: report(a), "real": lambda: real(a)}[a.cmd]()
 
 
 if __name__ == "__main__":

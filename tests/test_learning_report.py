@@ -81,3 +81,12 @@ def test_report_of_another_set_keeps_apart_from_the_reproduction_table(learning,
     assert not os.path.exists(tmp_path / "docs" / "learning-curves.png")
     with pytest.raises(SystemExit):
         learning.main(["report", "--set", "../x"])
+
+
+def test_real_renders_row_heads_the_table(learning):
+    runs = {"scad_mi": [(0, [_rec(100, 0.3, 0.2)], {})]}
+    real = dict(_rec(0, 0.95, 0.95), alignment_per_attribute={k: 1.0 for k in learning.ATTRS}, clip_score=56.0)
+    rows = [line for line in learning.table(runs, real).splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[1].startswith("| real renders | – | – | 0.950 | 1.000 |") and "| 56.000 |" in rows[1]
+    assert rows[2].startswith("| `scad_mi` |")
+    assert "real renders" not in learning.table(runs)
