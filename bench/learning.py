@@ -141,7 +141,7 @@ def _ms(xs):
 
 def table(by_variant, real_rec=None) -> str:
     head = ("| variant | seeds | steps | alignment ↑ | " + " | ".join(ATTRS) + " | coverage ↑ (ceiling) | "
-            "mPPD ↑ | CLIP score | wall (min) |")
+            "mPPD ↑ | CLIP score | fastest wall (min) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     if real_rec:
         r = real_rec
@@ -157,7 +157,7 @@ def table(by_variant, real_rec=None) -> str:
             f"{_ms([f['alignment'] for f in finals])} | "
             + " | ".join(_ms([f['alignment_per_attribute'].get(k) for f in finals]) for k in ATTRS)
             + f" | {_ms([f['coverage'] for f in finals])} ({ceil:.2f}) | {_ms([f['mppd'] for f in finals])} | "
-            f"{_ms([f['clip_score'] for f in finals])} | {_ms(walls) if walls else '–'} |")
+            f"{_ms([f['clip_score'] for f in finals])} | {f'{min(walls):.1f}' if walls else '–'} |")
     return "\n".join(lines)
 
 
@@ -199,7 +199,11 @@ def report(a) -> int:
     if vs:
         md += "\n\n" + vs
     machines = sorted({s.get("machine", "?") for runs in by_variant.values() for _, _, s in runs if s})
-    md += (f"\n\nMachine: {', '.join(machines)}. Raw snapshots: `{os.path.relpath(keep, ROOT)}/*.jsonl`; "
+    walls = [s["wall_s"] for runs in by_variant.values() for _, _, s in runs if s.get("wall_s")]
+    shared = (" Wall is each variant's fastest seed: some runs shared the cores with another job (up to "
+              f"{max(walls) / min(walls):.1f}× the fastest), so compare speed only between runs on an idle machine."
+              if walls and max(walls) > 1.5 * min(walls) else "")
+    md += (f"\n\nMachine: {'; '.join(machines)}.{shared} Raw snapshots: `{os.path.relpath(keep, ROOT)}/*.jsonl`; "
            f"curves: `{os.path.relpath(png, ROOT)}`.")
     print(md)
     if a.readme:
