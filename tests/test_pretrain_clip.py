@@ -90,3 +90,43 @@ def test_pretrain_writes_open_clip_loadable_file(tmp_path):
     assert all(v.dtype == torch.float16 for v in sd.values() if v.is_floating_point())
     m = open_clip.create_model("scadfast-tiny", pretrained=str(out))
     assert torch.equal(m.token_embedding.weight.half(), sd["token_embedding.weight"])
+
+
+def test_dense_heads_train_the_patch_tokens_of_their_blocks_only():
+    import open_clip
+
+    from scadfast.models.clip import register_tiny_config
+
+    torch.manual_seed(0)
+    model = open_clip.create_model(register_tiny_config(), pretrained=None)
+    dense = pc.DenseHeads(model, (2, 4))
+    x = torch.randn(6, 3, 64, 64)
+    te = torch.nn.functional.normalize(torch.randn(6, model.text_projection.shape[1]), dim=-1)
+    model.encode_image(x)
+    loss = dense.loss(te, torch.tensor(10.0), torch.eye(6, dtype=torch.bool))
+    loss.backward()
+    res = model.visual.transformer.resblocks
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in res[4].parameters() if p.requires_grad)
+    assert all(p.grad is None for p in res[5].parameters())  # after the last dense block: untouched
+    assert model.visual.proj.grad is None
+    dense.remove()
+    model.encode_image(x)
+    assert not dense._tokens  # hooks gone: nothing captured, and no head enters the model's state dict
+    assert not any("heads" in k for k in model.state_dict())
+    with pytest.raises(ValueError, match="dense blocks"):
+        pc.DenseHeads(model, (6,))
+
+
+def test_pretrain_init_and_dense_term(tmp_path):
+    first = tmp_path / "a.pt"
+    quiet = dict(n=48, heldout=24, batch_size=16, time_budget=60, data_root=str(tmp_path / "data"), device="cpu",
+                 stream=open(os.devnull, "w"))
+    pc.pretrain(str(first), steps=1, **quiet)
+    second = tmp_path / "b.pt"
+    meta = pc.pretrain(str(second), steps=2, lr=1e-9, init=str(first), dense_weight=1.0, dense_blocks=(2, 4), **quiet)
+    assert meta["args"]["init"] == str(first) and meta["args"]["dense_blocks"] == [2, 4]
+    a = torch.load(first, weights_only=True)["state_dict"]
+    b = torch.load(second, weights_only=True)["state_dict"]
+    assert a.keys() == b.keys()  # the heads are not saved
+    # started from ``first``: a near-zero learning rate leaves its weights (fp16-rounded) in place
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-3) for k in a if a[k].is_floating_point())
