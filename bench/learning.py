@@ -3,6 +3,7 @@
     python bench/learning.py run --variants galip,scad_mi --seeds 0,1,2 [--steps N] [--set NAME] [-- TRAIN FLAGS...]
     python bench/learning.py report [--set NAME] [--readme README.md]
     python bench/learning.py real
+    python bench/learning.py compare --name NAME [LABEL=]SET/VARIANT-sSEED ... [--readme README.md]
 
 ``run`` trains each (variant, seed) with ``python -m scadfast.train`` (learning-curve snapshots on,
 as in the embedded default) into ``runs/learning/<variant>-s<seed>`` and keeps what the table needs
@@ -24,6 +25,9 @@ ceiling of every column (and the CLIP score real images get).
 JSON under ``docs/results/NAME/``, grids under ``docs/samples/NAME/``, curves in ``docs/NAME-curves.png``
 and the README block between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->``; e.g. the longer recipe:
 ``run --variants scad_mi --seeds 0 --set long-run -- --config configs/cpu_long.yaml``.
+
+``compare`` puts single kept runs of several sets in one table (a row per run, labelled) and one
+curves plot, e.g. an ablation whose runs differ in training flags; README block ``<!-- NAME:begin -->``.
 """
 
 from __future__ import annotations
@@ -139,8 +143,8 @@ def _ms(xs):
     return f"{m:.3f}" if len(xs) == 1 else f"{m:.3f} ± {sd:.3f}"
 
 
-def table(by_variant, real_rec=None) -> str:
-    head = ("| variant | seeds | steps | alignment ↑ | " + " | ".join(ATTRS) + " | coverage ↑ (ceiling) | "
+def table(by_variant, real_rec=None, first="variant") -> str:
+    head = (f"| {first} | seeds | steps | alignment ↑ | " + " | ".join(ATTRS) + " | coverage ↑ (ceiling) | "
             "mPPD ↑ | CLIP score | fastest wall (min) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     if real_rec:
@@ -206,15 +210,42 @@ def report(a) -> int:
     md += (f"\n\nMachine: {'; '.join(machines)}.{shared} Raw snapshots: `{os.path.relpath(keep, ROOT)}/*.jsonl`; "
            f"curves: `{os.path.relpath(png, ROOT)}`.")
     print(md)
-    if a.readme:
-        text = open(a.readme).read()
-        if begin not in text or end not in text:
-            print(f"error: {a.readme} has no {begin} … {end} markers", file=sys.stderr)
-            return 2
-        pre, rest = text.split(begin, 1)
-        post = rest.split(end, 1)[1]
-        open(a.readme, "w").write(pre + begin + "\n" + md + "\n" + end + post)
+    return _splice(a.readme, begin, end, md) if a.readme else 0
+
+
+def _splice(readme, begin, end, md) -> int:
+    text = open(readme).read()
+    if begin not in text or end not in text:
+        print(f"error: {readme} has no {begin} … {end} markers", file=sys.stderr)
+        return 2
+    pre, rest = text.split(begin, 1)
+    post = rest.split(end, 1)[1]
+    open(readme, "w").write(pre + begin + "\n" + md + "\n" + end + post)
     return 0
+
+
+def compare(a) -> int:
+    """One table (and one curves PNG) of single kept runs from any sets: ``LABEL=SET/VARIANT-sSEED``."""
+    from scadfast.metrics.curves import plot_curves, read_jsonl
+
+    rows, machines = {}, set()
+    for spec in a.runs:
+        label, _, ref = spec.rpartition("=")
+        set_name, _, name = ref.partition("/")
+        keep = _set_paths(set_name)[0]
+        path = os.path.join(keep, name + ".jsonl")
+        if not name or not os.path.isfile(path):
+            print(f"error: {spec}: no kept run {os.path.relpath(path, ROOT)} (give SET/VARIANT-sSEED)", file=sys.stderr)
+            return 2
+        summ = json.load(open(os.path.join(keep, name + ".summary.json")))
+        rows[label or ref] = [(int(name.rsplit("-s", 1)[1]), read_jsonl(path), summ)]
+        machines.add(summ.get("machine", "?"))
+    png = os.path.join(ROOT, "docs", f"{a.name}-curves.png")
+    plot_curves({k: recs for k, [(_, recs, _)] in rows.items()}, png, title=f"{a.name}, held-out shapes prompts")
+    md = table(rows, first="run") + (f"\n\nMachine: {'; '.join(sorted(machines))}. Commands: each run's `.summary.json`; "
+                        f"curves: `{os.path.relpath(png, ROOT)}`.")
+    print(md)
+    return _splice(a.readme, f"<!-- {a.name}:begin -->", f"<!-- {a.name}:end -->", md) if a.readme else 0
 
 
 def main(argv=None) -> int:
@@ -233,13 +264,19 @@ def main(argv=None) -> int:
     r.add_argument("--machine", default="2-core CPU (no GPU)", help="recorded with each run")
     q = sub.add_parser("report")
     g = sub.add_parser("real", help="score real renders of the held-out prompts (the table's ceiling row)")
+    c = sub.add_parser("compare", help="one table of single runs from several sets")
+    c.add_argument("--name", required=True, help="README block <!-- NAME:begin/end --> and docs/NAME-curves.png")
+    c.add_argument("runs", nargs="+", metavar="[LABEL=]SET/VARIANT-sSEED")
     for sp in (r, q, g):
         sp.add_argument("--set", default=DEFAULT_SET, help="which kept set of runs (default: the reproduction table)")
-    q.add_argument("--readme", default=None)
+    for sp in (q, c):
+        sp.add_argument("--readme", default=None)
     a = p.parse_args(argv)
-    if not a.set or not all(c.isalnum() or c in "-_" for c in a.set):
-        p.error(f"--set {a.set!r}: use letters, digits, '-' and '_' (it names docs/results/SET)")
-    return {"run": lambda: run(a, extra), "report": lambda: report(a), "real": lambda: real(a)}[a.cmd]()
+    name = a.name if a.cmd == "compare" else a.set
+    if not name or not all(ch.isalnum() or ch in "-_" for ch in name):
+        p.error(f"{'--name' if a.cmd == 'compare' else '--set'} {name!r}: use letters, digits, '-' and '_'")
+    return {"run": lambda: run(a, extra), "report": lambda: report(a), "real": lambda: real(a),
+            "compare": lambda: compare(a)}[a.cmd]()
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ def test_report_table_mean_std_over_seeds_and_readme_splice(learning, tmp_path, 
     assert "old" not in text and text.startswith("intro\n") and text.endswith("outro\n")
     row = [line for line in text.splitlines() if line.startswith("| `scad_mi`")][0]
     assert "| 0,1 | 100 | 0.300 ± 0.141 |" in row  # mean ± sample std of the final snapshots
-    assert "10.000" in row  # wall minutes
+    assert row.endswith("| 10.0 |")  # the fastest seed's wall, in minutes
     assert "test box" in text
     assert os.path.getsize(tmp_path / "docs" / "learning-curves.png") > 1000
 
@@ -90,3 +90,22 @@ def test_real_renders_row_heads_the_table(learning):
     assert rows[1].startswith("| real renders | – | – | 0.950 | 1.000 |") and "| 56.000 |" in rows[1]
     assert rows[2].startswith("| `scad_mi` |")
     assert "real renders" not in learning.table(runs)
+
+
+def test_compare_puts_single_runs_of_several_sets_in_one_table(learning, tmp_path):
+    for set_name, final in (("learning", 0.2), ("ablation-x", 0.6)):
+        keep = learning._set_paths(set_name)[0]
+        os.makedirs(keep, exist_ok=True)
+        with open(os.path.join(keep, "scad_mi-s0.jsonl"), "w") as f:
+            for r in (_rec(0, 0.0, 0.1), _rec(100, final, final)):
+                f.write(json.dumps(r) + "\n")
+        json.dump({"wall_s": 60.0, "machine": f"box {set_name}"}, open(os.path.join(keep, "scad_mi-s0.summary.json"), "w"))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- abl:begin -->\n<!-- abl:end -->\n")
+    assert learning.main(["compare", "--name", "abl", "--readme", str(readme),
+                          "base=learning/scad_mi-s0", "ablation-x/scad_mi-s0"]) == 0
+    text = readme.read_text()
+    assert "| `base` | 0 | 100 | 0.200 |" in text and "| `ablation-x/scad_mi-s0` | 0 | 100 | 0.600 |" in text
+    assert "box learning" in text and "box ablation-x" in text
+    assert os.path.getsize(tmp_path / "docs" / "abl-curves.png") > 1000
+    assert learning.main(["compare", "--name", "abl", "learning/scad_mi-s9"]) == 2  # not kept: one line, no table
