@@ -117,16 +117,20 @@ def real(a) -> int:
     return 0
 
 
-def _runs(keep):
+def _read_run(keep, name):
+    """The kept run ``<variant>-s<seed>`` of ``keep``: ``(seed, snapshots, summary or {})``."""
     from scadfast.metrics.curves import read_jsonl
 
+    summ = os.path.join(keep, name + ".summary.json")
+    return (int(name.rsplit("-s", 1)[1]), read_jsonl(os.path.join(keep, name + ".jsonl")),
+            json.load(open(summ)) if os.path.exists(summ) else {})
+
+
+def _runs(keep):
     by_variant = {}
     for path in sorted(glob.glob(os.path.join(keep, "*.jsonl"))):
         name = os.path.basename(path)[:-6]
-        variant, seed = name.rsplit("-s", 1)
-        summ = os.path.join(keep, name + ".summary.json")
-        by_variant.setdefault(variant, []).append(
-            (int(seed), read_jsonl(path), json.load(open(summ)) if os.path.exists(summ) else {}))
+        by_variant.setdefault(name.rsplit("-s", 1)[0], []).append(_read_run(keep, name))
     return by_variant
 
 
@@ -226,7 +230,7 @@ def _splice(readme, begin, end, md) -> int:
 
 def compare(a) -> int:
     """One table (and one curves PNG) of single kept runs from any sets: ``LABEL=SET/VARIANT-sSEED``."""
-    from scadfast.metrics.curves import plot_curves, read_jsonl
+    from scadfast.metrics.curves import plot_curves
 
     rows, machines = {}, set()
     for spec in a.runs:
@@ -237,9 +241,8 @@ def compare(a) -> int:
         if not name or not os.path.isfile(path):
             print(f"error: {spec}: no kept run {os.path.relpath(path, ROOT)} (give SET/VARIANT-sSEED)", file=sys.stderr)
             return 2
-        summ = json.load(open(os.path.join(keep, name + ".summary.json")))
-        rows[label or ref] = [(int(name.rsplit("-s", 1)[1]), read_jsonl(path), summ)]
-        machines.add(summ.get("machine", "?"))
+        rows[label or ref] = [_read_run(keep, name)]
+        machines.add(rows[label or ref][0][2].get("machine", "?"))
     png = os.path.join(ROOT, "docs", f"{a.name}-curves.png")
     plot_curves({k: recs for k, [(_, recs, _)] in rows.items()}, png, title=f"{a.name}, held-out shapes prompts")
     md = table(rows, first="run") + (f"\n\nMachine: {'; '.join(sorted(machines))}. Commands: each run's `.summary.json`; "

@@ -70,6 +70,19 @@ def tiny_train_args(**overrides) -> list[str]:
 
 
 @pytest.fixture(scope="session")
+def bench_module():
+    """``bench_module(name)`` → the script ``bench/<name>.py`` imported as a module (bench/ is not a package)."""
+    import importlib.util
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "bench", name + ".py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    return load
+
+
+@pytest.fixture(scope="session")
 def tiny_train():
     """``tiny_train(**overrides)`` → the flags of a tiny training run (see ``TINY_TRAIN``)."""
     return tiny_train_args

@@ -6,7 +6,6 @@ there is no GPU; the benchmark must refuse to time under the interpreter).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -28,13 +27,6 @@ def _env(**extra):
     env.setdefault("OMP_NUM_THREADS", "1")  # a shared small CPU: threads only add contention here
     env.update(extra)
     return env
-
-
-def _load_common():
-    spec = importlib.util.spec_from_file_location("bench_common", os.path.join(ROOT, "bench", "common.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_quick_run_writes_results(tmp_path):
@@ -101,8 +93,8 @@ def test_refuses_under_triton_interpreter(tmp_path):
     assert not out.exists()
 
 
-def test_peak_bandwidth_table():
-    common = _load_common()
+def test_peak_bandwidth_table(bench_module):
+    common = bench_module("common")
     assert common.peak_hbm_gbps("NVIDIA H100 80GB HBM3") == (3350.0, "H100 SXM")
     assert common.peak_hbm_gbps("NVIDIA H100 PCIe")[0] == 2000.0
     assert common.peak_hbm_gbps("NVIDIA H200")[0] == 4800.0
@@ -112,10 +104,10 @@ def test_peak_bandwidth_table():
     assert common.peak_hbm_gbps(None) == (None, "unknown")
 
 
-def test_nbytes_counts_broadcast_inputs_once():
+def test_nbytes_counts_broadcast_inputs_once(bench_module):
     import torch
 
-    common = _load_common()
+    common = bench_module("common")
     w = torch.ones(64, 1, 1, 1).expand(64, 1, 26, 26)
     assert common.nbytes(w) == 64 * 4
     assert common.nbytes(torch.ones(3, 5, dtype=torch.float16), None, [torch.ones(2)]) == 30 + 8

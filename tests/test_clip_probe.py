@@ -1,23 +1,16 @@
 """``bench/clip_probe.py``: linear probes of what the frozen CLIP tells D and G about each attribute."""
 
-import importlib.util
 import json
-import os
 
+import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+@pytest.fixture(scope="module")
+def cp(bench_module):
+    return bench_module("clip_probe")
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("clip_probe", os.path.join(ROOT, "bench", "clip_probe.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_probe_separates_separable_labels_and_not_random_ones():
-    cp = _load()
+def test_probe_separates_separable_labels_and_not_random_ones(cp):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(600, 16, generator=g)
     y = (x[:, :3].argmax(1))  # a linear function of the features
@@ -26,8 +19,7 @@ def test_probe_separates_separable_labels_and_not_random_ones():
     assert cp.probe_accuracy(x, y_rand, 400) < 0.5
 
 
-def test_tiny_run_writes_json(tmp_path):
-    cp = _load()
+def test_tiny_run_writes_json(cp, tmp_path):
     out = tmp_path / "probe.json"
     assert cp.main(["--n", "60", "--fit", "40", "--iters", "25", "--data-root", str(tmp_path / "data"), "--out", str(out)]) == 0
     res = json.loads(out.read_text())
@@ -42,8 +34,7 @@ def test_tiny_run_writes_json(tmp_path):
     assert res["zero_shot"]["num_images"] == 20
 
 
-def test_all_blocks_adds_one_position_invariant_view_per_block(tmp_path):
-    cp = _load()
+def test_all_blocks_adds_one_position_invariant_view_per_block(cp, tmp_path):
     out = tmp_path / "probe.json"
     assert cp.main(["--n", "60", "--fit", "40", "--iters", "10", "--all-blocks", "--data-root", str(tmp_path / "data"),
                     "--out", str(out)]) == 0
@@ -51,8 +42,7 @@ def test_all_blocks_adds_one_position_invariant_view_per_block(tmp_path):
     assert set(acc) == set(cp.VIEWS) | {f"block{i}" for i in range(6)}  # scadfast-tiny has 6 vision blocks
 
 
-def test_encode_blocks_is_mean_and_max_of_each_block_and_restores_feature_blocks():
-    cp = _load()
+def test_encode_blocks_is_mean_and_max_of_each_block_and_restores_feature_blocks(cp):
     from scadfast.models.clip import TINY_NAME, FrozenCLIP
 
     clip = FrozenCLIP(TINY_NAME, pretrained="shapes")

@@ -1,19 +1,13 @@
 """bench/learning.py report: the reproduction table and curves come from the kept JSON, nothing typed."""
 
-import importlib.util
 import json
 import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 @pytest.fixture
-def learning(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("learning", os.path.join(ROOT, "bench", "learning.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+def learning(tmp_path, monkeypatch, bench_module):
+    mod = bench_module("learning")
     monkeypatch.setattr(mod, "KEEP", str(tmp_path / "docs" / "results" / "learning"))
     monkeypatch.setattr(mod, "ROOT", str(tmp_path))
     os.makedirs(mod.KEEP)

@@ -1,27 +1,16 @@
 """``bench/shape_teacher.py``: the generator's shape read by the classifier and by its own CLIP teacher."""
 
-import importlib.util
 import json
-import os
 
 import pytest
 
 from scadfast import train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("shape_teacher", os.path.join(ROOT, "bench", "shape_teacher.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_scores_a_run_and_writes_json(cache, tmp_path, tiny_train, one_thread):
+def test_scores_a_run_and_writes_json(cache, tmp_path, tiny_train, one_thread, bench_module):
     out = str(tmp_path / "run")
     assert train.main(["--variant", "galip", "--steps", "1", "--out", out, *tiny_train(shapes_n=16)]) == 0
-    st = _load()
+    st = bench_module("shape_teacher")
     js = tmp_path / "teacher.json"
     assert st.main([out, "--n", "3", "--out", str(js)]) == 0
     (r,) = json.loads(js.read_text())["results"]
