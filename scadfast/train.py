@@ -33,7 +33,7 @@ from .models.text_cache import gather_rows
 from .progress import Progress, format_seconds
 
 # Switches that only make sense for one model family (checked so a user learns the flag is ignored).
-_GALIP_ONLY = ("d_loss", "fidelity", "fidelity_loss", "mi_weight", "gp_every", "gp_weight", "augment")
+_GALIP_ONLY = ("d_loss", "fidelity", "fidelity_loss", "mi_weight", "gp_every", "gp_weight", "augment", "edit_negatives")
 _MS_ONLY = ("cond_aug", "ca_mode", "kl_weight", "label_smoothing", "use_uncond_loss")
 
 # Defaults of the engine (flags override, a --config file sits in between).
@@ -155,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--augment", choices=["none", "translation", "translation,cutout"], default=S,
                    help="differentiable augmentation of real and fake images before CLIP reads them, in the D "
                         "and G steps (default none)")
+    g.add_argument("--edit-negatives", type=float, default=S, metavar="P",
+                   help="share of D's mismatched texts that are edit negatives: another training caption that "
+                        "contradicts the image's caption in exactly one named attribute (shapes captions only); "
+                        "the rest are GALIP's text of another sample (default 0)")
     g.add_argument("--z-dim", type=int, default=S)
     g.add_argument("--ngf", type=int, default=S, help="generator base width (default 64; 32 with scadfast-tiny)")
     g.add_argument("--ndf", type=int, default=S, help="discriminator base width (default 64; 32 with scadfast-tiny)")
@@ -297,6 +301,8 @@ def _validate(a) -> None:
     a.eval_metrics = _eval_metrics(a)
     if a.ema_kimg < 0 or a.ema_rampup < 0:
         raise SystemExit(f"error: --ema-kimg and --ema-rampup must be >= 0, got {a.ema_kimg}, {a.ema_rampup}")
+    if not 0.0 <= a.cfg.edit_negatives <= 1.0:
+        raise SystemExit(f"error: --edit-negatives must be in [0, 1], got {a.cfg.edit_negatives}")
     if a.cfg.n_critic < 1:
         raise SystemExit("error: --n-critic must be >= 1")
     if a.cfg.gp_every < 1:
@@ -395,6 +401,14 @@ class Trainer:
         except EmbeddingCacheError as e:
             raise DataError(f"--cache-dir {self._cache_dir()}: {e}") from None
         self.text_emb = torch.as_tensor(self.text_store)  # (N, d) on the host, memory-mapped
+        self.negatives = None
+        if getattr(self.cfg, "edit_negatives", 0.0) > 0:
+            from .data.negatives import EditNegatives
+
+            try:
+                self.negatives = EditNegatives(self.loader.captions)
+            except ValueError as e:
+                raise DataError(f"--edit-negatives {self.cfg.edit_negatives} with --data {args.data}: {e}") from None
 
         torch.manual_seed(args.seed)
         self.pair = variants.build(self.cfg, self.clip, img_size=self.image_size).to(self.device)
@@ -579,10 +593,24 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------------
     def _batches(self):
-        """Endless (images, s) stream; the loader tracks (epoch, batch) for an exact resume."""
+        """Endless (images, s, caption indices) stream; the loader tracks (epoch, batch) for an exact resume."""
         while True:
             for images, idx in self.loader:
-                yield images.to(self.device, non_blocking=True), gather_rows(self.text_emb, idx, self.device)
+                yield images.to(self.device, non_blocking=True), gather_rows(self.text_emb, idx, self.device), idx
+
+    def _mismatched(self, s: torch.Tensor, idx: torch.Tensor, call: int) -> torch.Tensor | None:
+        """D's mismatched texts with ``--edit-negatives P``: per sample, with probability P an edit
+        negative of its caption (scadfast/data/negatives.py), else GALIP's ``roll(s, 1)``. Drawn from
+        a generator seeded by (seed, step, D call, rank), so a resumed run draws the same. None
+        without edit negatives (the pair rolls)."""
+        if self.negatives is None:
+            return None
+        gen = torch.Generator().manual_seed(
+            ((self.args.seed * 1_000_003 + self.step) * 31 + call) * 4099 + self.dist.rank)
+        neg = self.negatives.sample(idx, gen)
+        use = (torch.rand(neg.shape[0], generator=gen) < self.cfg.edit_negatives) & (neg >= 0)
+        s_edit = gather_rows(self.text_emb, neg.clamp(min=0), self.device)
+        return torch.where(use.to(self.device)[:, None], s_edit.to(s.dtype), torch.roll(s, 1, dims=0))
 
     def _opt_step(self, loss, opt, params):
         opt.zero_grad(set_to_none=True)
@@ -597,11 +625,13 @@ class Trainer:
         cfg, impl, pair = self.cfg, self.args.impl, self.pair
         stats = {}
         for i in range(cfg.n_critic):
-            real, s = next(batches)
+            real, s, idx = next(batches)
             z = torch.randn(real.shape[0], cfg.z_dim, device=self.device)
+            s_mis = self._mismatched(s, idx, i)
+            extra = {} if s_mis is None else {"s_mis": s_mis}
             with self._autocast():
                 fake = pair.make_fake(z, s, impl=impl) if i == cfg.n_critic - 1 else None
-                d_loss, d_stats = pair.d_loss(real, s, z, impl=impl, fake=fake)
+                d_loss, d_stats = pair.d_loss(real, s, z, impl=impl, fake=fake, **extra)
             self._opt_step(d_loss, self.opt_d, list(pair.D.parameters()))
             self.images_seen += real.shape[0] * self.dist.world_size
         with self._autocast():

@@ -47,6 +47,7 @@ class VariantConfig:
     gp_power: float = 6.0  # MA-GP p
     gp_every: int = 1  # lazy regularisation: penalty every N D steps, scaled by N
     augment: str = "none"  # DiffAugment-style policy before CLIP reads images (models/augment.py)
+    edit_negatives: float = 0.0  # share of D's mismatched texts that are one-attribute caption edits (data/negatives.py)
     z_dim: int = 100
     ngf: int = 64  # generator base width
     ndf: int = 64  # discriminator base width

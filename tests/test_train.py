@@ -66,9 +66,10 @@ def _assert_bitwise_equal(a, b, what=""):
 
 def test_resume_after_sigkill_is_bitwise_identical(train_env, tmp_path, tiny_train):
     steps = ["--steps", "10", "--ckpt-every", "2", "--keep-ckpts", "10"]
-    # Lazy GP (its counter must resume), the EMA generator and learning-curve snapshots (which must not
-    # touch the training RNG) are all on.
-    base = ["--variant", "scad_mi", "--seed", "3", "--gp-every", "3", *tiny_train(), *EVAL, "--ema-kimg", "1"]
+    # Lazy GP (its counter must resume), the EMA generator, learning-curve snapshots (which must not
+    # touch the training RNG) and edit negatives (drawn per step) are all on.
+    base = ["--variant", "scad_mi", "--seed", "3", "--gp-every", "3", *tiny_train(), *EVAL, "--ema-kimg", "1",
+            "--edit-negatives", "0.5"]
     a = _run([*base, *steps, "--out", str(tmp_path / "a")], train_env)
     assert a.returncode == 0, a.stderr[-3000:]
 

@@ -4,7 +4,8 @@ combination of their switches (``d_loss``, ``fidelity``, ``fidelity_loss``, ``mi
 :class:`GALIPFamily` follows the GANPair contract of :mod:`scadfast.variants`.
 
 Discriminator loss (minimised; ``s̃ = roll(s, 1)`` — the text of another sample; when captions repeat
-inside a batch some "mismatched" pairs actually match, as in GALIP):
+inside a batch some "mismatched" pairs actually match, as in GALIP — unless the caller passes ``s_mis``,
+e.g. the trainer's edit negatives, :mod:`scadfast.data.negatives`):
 
 * semantic, hinge (§5.2): ``relu(1 − D(x_r,s)) + ½[relu(1 + D(x_f,s)) + relu(1 + D(x_r,s̃))]``;
 * semantic, SAN (§5.3): ``san_d_loss`` with the real pairs as "real" and the fake pairs and the
@@ -149,14 +150,18 @@ class GALIPFamily(nn.Module):
 
     # -- losses -----------------------------------------------------------------------------------
     def d_loss(self, real: torch.Tensor, s: torch.Tensor, z: torch.Tensor, impl: str = "auto",
-               fake: torch.Tensor | None = None):
+               fake: torch.Tensor | None = None, s_mis: torch.Tensor | None = None):
         """Discriminator loss (module doc). ``real`` (B, 3, H, W) in [-1, 1]; ``s`` (B, d_txt); ``z`` (B, z_dim).
 
         ``fake``: this iteration's :meth:`make_fake` output (used detached); generated from ``z``
-        without gradients when None. Returns ``(loss, stats)``; ``stats`` holds detached scalar tensors.
+        without gradients when None. ``s_mis`` (B, d_txt): the mismatched texts paired with the real
+        images (default GALIP's ``roll(s, 1)``; the trainer's ``--edit-negatives`` passes edits).
+        Returns ``(loss, stats)``; ``stats`` holds detached scalar tensors.
         """
+        if s_mis is not None and s_mis.shape != s.shape:
+            raise ValueError(f"d_loss: s_mis must have s's shape {tuple(s.shape)}, got {tuple(s_mis.shape)}")
         with self._sn_impl(impl):
-            return self._d_loss(real, s, z, impl, fake)
+            return self._d_loss(real, s, z, impl, fake, s_mis)
 
     def g_loss(self, s: torch.Tensor, z: torch.Tensor, impl: str = "auto", fake: torch.Tensor | None = None):
         """Generator loss (module doc); ``fake`` as in :meth:`d_loss` but with its graph (G is
@@ -164,7 +169,7 @@ class GALIPFamily(nn.Module):
         with self._sn_impl(impl):
             return self._g_loss(s, z, impl, fake)
 
-    def _d_loss(self, real, s, z, impl, fake):
+    def _d_loss(self, real, s, z, impl, fake, s_mis=None):
         cfg, clip, D = self.cfg, self.clip, self.D
         b = real.shape[0]
         if s.shape[0] != b or z.shape[0] != b:
@@ -183,7 +188,7 @@ class GALIPFamily(nn.Module):
         if do_gp:
             feats_r = feats_r.detach().requires_grad_(True)
             s_r = s.clone().requires_grad_(True)
-        s_mis = torch.roll(s, 1, dims=0)
+        s_mis = torch.roll(s, 1, dims=0) if s_mis is None else s_mis.detach().to(s.dtype)
 
         t = D.trunk(torch.cat([feats_r, feats_f.to(feats_r.dtype)], dim=0))
         t_r, t_f = t[:b], t[b:]
