@@ -227,3 +227,31 @@ def format_table(headers: list[str], rows: list[list[str]]) -> str:
     sep = "  ".join("-" * w for w in widths)
     body = ["  ".join(c.rjust(w) if j >= 4 else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))) for r in rows]
     return "\n".join([line, sep, *body])
+
+
+def checkpoint_diagnostic(argv, doc: str, score, report, schema: str, add_args=None) -> int:
+    """The command line of a per-checkpoint diagnostic (``shape_teacher.py``, ``d_attributes.py``):
+    ``CKPT|RUN_DIR [...] [--seed S] [--out JSON]`` plus ``add_args(parser)``; ``score(ckpt, args)`` →
+    a dict per checkpoint, ``report(result)`` prints it; with ``--out`` the list is written as
+    ``{"schema": schema, "results": [...]}``."""
+    import argparse
+    import json
+    import os
+
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("ckpt", nargs="+")
+    if add_args is not None:
+        add_args(p)
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    for c in a.ckpt:
+        if not os.path.exists(c):
+            p.error(f"checkpoint not found: {c} (give a checkpoint file or a run directory)")
+    res = [score(c, a) for c in a.ckpt]
+    for r in res:
+        report(r)
+    if a.out:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "w") as f:
+            json.dump({"schema": schema, "results": res}, f, indent=1)
+    return 0

@@ -28,6 +28,8 @@ and the README block between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->``; 
 
 ``compare`` puts single kept runs of several sets in one table (a row per run, labelled) and one
 curves plot, e.g. an ablation whose runs differ in training flags; README block ``<!-- NAME:begin -->``.
+A run kept with ``<variant>-s<seed>.d-attributes.json`` (``bench/d_attributes.py`` on its last
+checkpoint) adds a row to a second table: which attributes its discriminator checks.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ SAMPLES = os.path.join(ROOT, "docs", "samples", "learning")
 BEGIN, END = "<!-- learning:begin -->", "<!-- learning:end -->"
 DEFAULT_SET = "learning"
 ATTRS = ("shape", "color", "size", "position", "background")
+D_CHECKS = ".d-attributes.json"  # bench/d_attributes.py's JSON of a kept run's last checkpoint
 
 
 def _set_paths(name: str):
@@ -228,11 +231,29 @@ def _splice(readme, begin, end, md) -> int:
     return 0
 
 
+def d_checks_table(d_checks: dict) -> str:
+    """Markdown: per run, how often its last D prefers the true caption over a one-attribute edit
+    (``bench/d_attributes.py`` JSON kept as ``<variant>-s<seed>.d-attributes.json``), real / generated."""
+    head = ("| run | step | " + " | ".join(ATTRS) + " |\n|---|---|" + "---|" * len(ATTRS))
+    lines = [head]
+    for label, r in d_checks.items():
+        cells = []
+        for at in ATTRS:
+            re_, ge = r["real"].get(at), r["generated"].get(at)
+            cells.append("–" if re_ is None else f"{re_['accuracy']:.2f} / {ge['accuracy']:.2f}")
+        lines.append(f"| `{label}` | {r['step']} | " + " | ".join(cells) + " |")
+    n = next(iter(d_checks.values()))["n"]
+    return ("Which attributes the discriminator checks at the last step (`bench/d_attributes.py`, kept as "
+            f"`<run>{D_CHECKS}`): how often it scores the true caption above the same caption with one named "
+            f"attribute changed, on {n} fresh real renders / on the run's own images of the same captions; "
+            "chance 0.5.\n\n" + "\n".join(lines))
+
+
 def compare(a) -> int:
     """One table (and one curves PNG) of single kept runs from any sets: ``LABEL=SET/VARIANT-sSEED``."""
     from scadfast.metrics.curves import plot_curves
 
-    rows, machines = {}, set()
+    rows, machines, d_checks = {}, set(), {}
     for spec in a.runs:
         label, _, ref = spec.rpartition("=")
         set_name, _, name = ref.partition("/")
@@ -243,10 +264,15 @@ def compare(a) -> int:
             return 2
         rows[label or ref] = [_read_run(keep, name)]
         machines.add(rows[label or ref][0][2].get("machine", "?"))
+        d_path = os.path.join(keep, name + D_CHECKS)
+        if os.path.isfile(d_path):
+            d_checks[label or ref] = json.load(open(d_path))["results"][-1]
     png = os.path.join(ROOT, "docs", f"{a.name}-curves.png")
     plot_curves({k: recs for k, [(_, recs, _)] in rows.items()}, png, title=f"{a.name}, held-out shapes prompts")
     md = table(rows, first="run") + (f"\n\nMachine: {'; '.join(sorted(machines))}. Commands: each run's `.summary.json`; "
                         f"curves: `{os.path.relpath(png, ROOT)}`.")
+    if d_checks:
+        md += "\n\n" + d_checks_table(d_checks)
     print(md)
     return _splice(a.readme, f"<!-- {a.name}:begin -->", f"<!-- {a.name}:end -->", md) if a.readme else 0
 

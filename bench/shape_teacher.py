@@ -17,8 +17,6 @@ Evaluation only: nothing here feeds training.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 
@@ -26,11 +24,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from scadfast import runs  # noqa: E402
 from scadfast import shapes_classifier as sc  # noqa: E402
 from scadfast.data import shapes as shp  # noqa: E402
 from scadfast.sample import generate  # noqa: E402
+from common import checkpoint_diagnostic  # noqa: E402
 
 
 @torch.no_grad()
@@ -55,27 +55,20 @@ def score(ckpt: str, n: int = 32, seed: int = 0) -> dict:
             "shapes": shapes, "chance": 1 / len(shapes)}
 
 
+def _report(r: dict) -> None:
+    print(f"{r['checkpoint']} (step {r['step']}): classifier shape {r['classifier_shape_accuracy']:.3f}, "
+          f"CLIP zero-shot {r['clip_zero_shot_shape_accuracy']:.3f}, agreement {r['classifier_clip_agreement']:.3f} "
+          f"(chance {r['chance']:.3f}); classifier says {r['classifier_predicted_histogram']}, "
+          f"CLIP says {r['clip_predicted_histogram']}")
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("ckpt", nargs="+")
-    p.add_argument("--n", type=int, default=32, help="images per shape")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None)
-    a = p.parse_args(argv)
-    for c in a.ckpt:
-        if not os.path.exists(c):
-            p.error(f"checkpoint not found: {c} (give a checkpoint file or a run directory)")
-    res = [score(c, a.n, a.seed) for c in a.ckpt]
-    for r in res:
-        print(f"{r['checkpoint']} (step {r['step']}): classifier shape {r['classifier_shape_accuracy']:.3f}, "
-              f"CLIP zero-shot {r['clip_zero_shot_shape_accuracy']:.3f}, agreement {r['classifier_clip_agreement']:.3f} "
-              f"(chance {r['chance']:.3f}); classifier says {r['classifier_predicted_histogram']}, "
-              f"CLIP says {r['clip_predicted_histogram']}")
-    if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump({"schema": "scadfast.bench.shape_teacher/1", "results": res}, f, indent=1)
-    return 0
+    def add_args(p):
+        p.add_argument("--n", type=int, default=32, help="images per shape")
+        p.add_argument("--seed", type=int, default=0)
+
+    return checkpoint_diagnostic(argv, __doc__, lambda c, a: score(c, a.n, a.seed), _report,
+                                 "scadfast.bench.shape_teacher/1", add_args)
 
 
 if __name__ == "__main__":

@@ -102,4 +102,17 @@ def test_compare_puts_single_runs_of_several_sets_in_one_table(learning, tmp_pat
     assert "| `base` | 0 | 100 | 0.200 |" in text and "| `ablation-x/scad_mi-s0` | 0 | 100 | 0.600 |" in text
     assert "box learning" in text and "box ablation-x" in text
     assert os.path.getsize(tmp_path / "docs" / "abl-curves.png") > 1000
+    assert "discriminator checks" not in text  # no run has a d-attributes file
     assert learning.main(["compare", "--name", "abl", "learning/scad_mi-s9"]) == 2  # not kept: one line, no table
+
+    # A run kept with bench/d_attributes.py's JSON adds a row to the D-checks table; the others do not.
+    acc = {"shape": 0.5, "color": 0.75, "size": 0.625, "position": 0.875, "background": 1.0}
+    res = {"step": 100, "n": 8, "real": {a: {"accuracy": v, "pairs": 8} for a, v in acc.items()},
+           "generated": {a: {"accuracy": 1 - v, "pairs": 8} for a, v in acc.items()}}
+    keep = learning._set_paths("ablation-x")[0]
+    json.dump({"results": [res]}, open(os.path.join(keep, "scad_mi-s0" + learning.D_CHECKS), "w"))
+    assert learning.main(["compare", "--name", "abl", "--readme", str(readme),
+                          "base=learning/scad_mi-s0", "ablation-x/scad_mi-s0"]) == 0
+    text = readme.read_text()
+    assert "| `ablation-x/scad_mi-s0` | 100 | 0.50 / 0.50 | 0.75 / 0.25 | 0.62 / 0.38 | 0.88 / 0.12 | 1.00 / 0.00 |" in text
+    assert "| `base` | 100 | " not in text and "8 fresh real renders" in text
