@@ -171,7 +171,7 @@ def test_caption_embeddings_stay_on_the_host(shards, tmp_path):
     assert isinstance(trainer.text_store, np.memmap)  # the cache file itself, not a copy
     assert table.device.type == "cpu" and tuple(table.shape) == (n, d) and table.dtype == torch.float32
     assert table.data_ptr() == trainer.text_store.ctypes.data
-    images, s = next(trainer._batches())
+    images, s, _ = next(trainer._batches())
     order = trainer.loader.epoch_order(0)[:4]
     assert tuple(s.shape) == (4, d) and s.device == trainer.device and s.dtype == torch.float32
     assert torch.equal(s, table[torch.as_tensor(order)])
