@@ -69,15 +69,17 @@ def score(ckpt: str, n: int = 256, seed: int = 7) -> dict:
     # The checkpoint's own images of the same captions (one per caption, fixed noise).
     z = torch.randn(n, loaded.pair.z_dim, generator=torch.Generator().manual_seed(seed))
     fake = loaded.pair.G(z, s).clamp(-1, 1)
+    # Each attribute's edited captions, embedded once for both image sets.
+    edits = {}
+    for a in shp.ATTRIBUTE_NAMES:
+        rows = [i for i, (_, _, e) in enumerate(items) if a in e]
+        if rows:
+            edits[a] = (rows, loaded.embed([items[i][2][a] for i in rows]))
     res = {"checkpoint": ckpt, "step": int(loaded.state.get("step", -1)), "n": n, "chance": 0.5}
     for name, images in (("real", real), ("generated", fake)):
         f_true = d_logits(loaded, images, s)
         per = {}
-        for a in shp.ATTRIBUTE_NAMES:
-            rows = [i for i, (_, _, e) in enumerate(items) if a in e]
-            if not rows:
-                continue
-            s_edit = loaded.embed([items[i][2][a] for i in rows])
+        for a, (rows, s_edit) in edits.items():
             gap = f_true[rows] - d_logits(loaded, images[rows], s_edit)
             per[a] = {"pairs": len(rows), "accuracy": (gap > 0).float().mean().item(),
                       "mean_gap": gap.mean().item()}

@@ -402,7 +402,7 @@ class Trainer:
             raise DataError(f"--cache-dir {self._cache_dir()}: {e}") from None
         self.text_emb = torch.as_tensor(self.text_store)  # (N, d) on the host, memory-mapped
         self.negatives = None
-        if getattr(self.cfg, "edit_negatives", 0.0) > 0:
+        if self.cfg.edit_negatives > 0:
             from .data.negatives import EditNegatives
 
             try:
