@@ -26,7 +26,6 @@ same images. Nothing here touches GAN training: it measures a CLIP checkpoint.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -35,6 +34,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -42,6 +42,7 @@ import torch.nn.functional as F  # noqa: E402
 from scadfast.data import shapes as shp  # noqa: E402
 from scadfast.models.clip import TINY_NAME, FrozenCLIP  # noqa: E402
 from scadfast import pretrain_clip as pc  # noqa: E402
+from common import write_json  # noqa: E402
 
 SCHEMA = "scadfast.bench.clip_probe/1"
 VIEWS = ("pooled", "d_mean", "d_last")
@@ -139,10 +140,7 @@ def main(argv=None) -> int:
         print(f"  {v:7s} " + "  ".join(f"{res['probe_heldout_accuracy'][v][a]:.3f}" for a in shp.ATTRIBUTE_NAMES))
     print("zero-shot: " + ", ".join(f"{k}={v}" for k, v in res["zero_shot"].items()))
     if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=1)
-        print(f"wrote {a.out}")
+        write_json(a.out, res, announce=True)
     return 0
 
 

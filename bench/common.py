@@ -16,6 +16,7 @@ Timing
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import math
 import os
 import platform
@@ -251,7 +252,28 @@ def checkpoint_diagnostic(argv, doc: str, score, report, schema: str, add_args=N
     for r in res:
         report(r)
     if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump({"schema": schema, "results": res}, f, indent=1)
+        write_json(a.out, {"schema": schema, "results": res})
+    return 0
+
+
+def write_json(path: str, obj, announce: bool = False) -> None:
+    """Write ``obj`` as indented JSON to ``path``, creating its folder; ``announce`` prints "wrote PATH"."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+    if announce:
+        print(f"wrote {path}")
+
+
+def splice_readme(readme: str, begin: str, end: str, md: str) -> int:
+    """Replace the text between the markers ``begin`` and ``end`` in the file ``readme`` by ``md``.
+    Returns 0, or 2 with one line on stderr when a marker is missing."""
+    text = open(readme).read()
+    if begin not in text or end not in text:
+        print(f"error: {readme} has no {begin} … {end} markers", file=sys.stderr)
+        return 2
+    pre, rest = text.split(begin, 1)
+    post = rest.split(end, 1)[1]
+    open(readme, "w").write(pre + begin + "\n" + md + "\n" + end + post)
     return 0

@@ -44,6 +44,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import splice_readme  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEEP = os.path.join(ROOT, "docs", "results", "learning")
 SAMPLES = os.path.join(ROOT, "docs", "samples", "learning")
@@ -217,18 +220,7 @@ def report(a) -> int:
     md += (f"\n\nMachine: {'; '.join(machines)}.{shared} Raw snapshots: `{os.path.relpath(keep, ROOT)}/*.jsonl`; "
            f"curves: `{os.path.relpath(png, ROOT)}`.")
     print(md)
-    return _splice(a.readme, begin, end, md) if a.readme else 0
-
-
-def _splice(readme, begin, end, md) -> int:
-    text = open(readme).read()
-    if begin not in text or end not in text:
-        print(f"error: {readme} has no {begin} … {end} markers", file=sys.stderr)
-        return 2
-    pre, rest = text.split(begin, 1)
-    post = rest.split(end, 1)[1]
-    open(readme, "w").write(pre + begin + "\n" + md + "\n" + end + post)
-    return 0
+    return splice_readme(a.readme, begin, end, md) if a.readme else 0
 
 
 def d_checks_table(d_checks: dict) -> str:
@@ -274,7 +266,7 @@ def compare(a) -> int:
     if d_checks:
         md += "\n\n" + d_checks_table(d_checks)
     print(md)
-    return _splice(a.readme, f"<!-- {a.name}:begin -->", f"<!-- {a.name}:end -->", md) if a.readme else 0
+    return splice_readme(a.readme, f"<!-- {a.name}:begin -->", f"<!-- {a.name}:end -->", md) if a.readme else 0
 
 
 def main(argv=None) -> int:

@@ -14,7 +14,6 @@ moved to the device as the training loop does). Reported: images/s per loader an
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -110,10 +109,7 @@ def run(argv=None) -> int:
     if d.get("images_per_s") and t.get("images_per_s"):
         result["ratio_dali_over_torch"] = d["images_per_s"] / t["images_per_s"]
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.out}")
+        common.write_json(args.out, result, announce=True)
     return status
 
 

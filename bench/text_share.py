@@ -22,6 +22,8 @@ def main(argv=None) -> int:
     p.add_argument("--ckpt", action="append", default=[], help="trained run directory or checkpoint (repeatable)")
     p.add_argument("--out", default=None, help="JSON report")
     a = p.parse_args(argv)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from common import write_json
     from scadfast import runs, variants
     from scadfast.data.shapes import sample_prompts
     from scadfast.models.clip import FrozenCLIP
@@ -46,9 +48,7 @@ def main(argv=None) -> int:
                                  "text_share": loaded.pair.text_share(loaded.embed(caps))}
     print(json.dumps(report, indent=1))
     if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump(report, f, indent=1)
+        write_json(a.out, report)
     return 0
 
 
