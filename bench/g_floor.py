@@ -1,0 +1,248 @@
+"""How fast can the generator learn the shapes task from a direct pixel teacher? (learning issue)
+
+    python bench/g_floor.py [--steps 1500] [--lr 1e-3] [--object-weight 30] [--ngf 32]
+                            [--eval-every 100] [--seed 0] [--threads 2] [--out JSON] [--grid PNG]
+    python bench/g_floor.py --report JSON [JSON ...] [--readme README.md] [--plot PNG]
+
+``--report`` prints the kept runs as one table (each run at steps 400, 1000 and its last step) and
+with ``--readme`` splices it between ``<!-- g-floor:begin -->`` and ``<!-- g-floor:end -->``;
+``--plot`` draws each attribute's accuracy against the step, one line per run.
+
+The embedded default's generator (``scad_mi``'s G at the embedded width, with the shipped CLIP as
+its frozen mapper) is trained by regression alone, with no discriminator and no CLIP loss. Its
+targets are renders of fully specified captions: all five attributes are named, so the target is
+fixed up to the renderer's jitter of a few pixels. The loss is L1 per pixel, and the pixels of the
+object (saturated colour: the backgrounds are always neutral grey levels) are weighted by
+``--object-weight`` so the small object is not drowned by the background. Adam with the recipe's
+betas (0, 0.9), batch 16, the recipe's noise.
+
+Every ``--eval-every`` steps, 256 fixed held-out captions (all attributes named, drawn from a seed
+that training does not use) are drawn with fixed noise and read by the shipped attribute classifier:
+accuracy per attribute and of all five together. Chance: shape 0.17, colour 0.13, size 0.33,
+position 0.11, background 0.2.
+
+Reading: this teacher tells G every pixel of the answer, which no GAN's discriminator does. The step
+at which G learns an attribute here is therefore a floor for what the GAN can learn in that many
+steps with the same generator and optimiser (the embedded GAN run has 1000 steps). This is a
+diagnostic of the generator's learning speed, not a training recipe; nothing here feeds the GAN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from scadfast import shapes_classifier as sc  # noqa: E402
+from scadfast import variants  # noqa: E402
+from scadfast.data import shapes as shp  # noqa: E402
+from scadfast.models.clip import TINY_NAME, FrozenCLIP  # noqa: E402
+from common import environment, splice_readme, write_json  # noqa: E402
+
+NAMES = shp.ATTRIBUTE_NAMES
+EVAL_SEED = 123_457  # the held-out captions' seed; training draws from --seed
+
+
+def object_mask(x: torch.Tensor, threshold: float = 0.3) -> torch.Tensor:
+    """(B, 1, H, W) bool: pixels of saturated colour (max − min over RGB > ``threshold`` in [-1, 1]
+    units). Every background of the shapes data is neutral grey, every object colour saturated."""
+    return (x.amax(1, keepdim=True) - x.amin(1, keepdim=True)) > threshold
+
+
+class CaptionBatches:
+    """Fully specified captions, their renders and their text embeddings (cached per caption)."""
+
+    def __init__(self, clip: FrozenCLIP, image_size: int):
+        self.clip, self.image_size = clip, image_size
+        self._emb: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def embed(self, captions: list[str]) -> torch.Tensor:
+        new = sorted({c for c in captions if c not in self._emb})
+        for i in range(0, len(new), 256):
+            chunk = new[i:i + 256]
+            for c, e in zip(chunk, self.clip.encode_text(self.clip.tokenize(chunk)).float().cpu()):
+                self._emb[c] = e
+        return torch.stack([self._emb[c] for c in captions])
+
+    def embed_all(self) -> None:
+        """Embed every fully specified caption once (6·8·3·9·5 = 6,480), so steps do no text encoding."""
+        import itertools
+
+        combos = itertools.product(*(shp.ATTRIBUTES[a] for a in NAMES))
+        self.embed([shp.format_caption(dict(zip(NAMES, c)), NAMES) for c in combos])
+
+    def draw(self, rng: np.random.Generator, n: int):
+        """(s (n, d), images (n, 3, H, W) in [-1, 1], labels (n, 5) value indices)."""
+        attrs = [{a: str(rng.choice(shp.ATTRIBUTES[a])) for a in NAMES} for _ in range(n)]
+        caps = [shp.format_caption(a, NAMES) for a in attrs]
+        imgs = np.stack([shp.render(a, self.image_size, rng) for a in attrs])
+        x = torch.from_numpy(imgs).float().permute(0, 3, 1, 2) / 127.5 - 1.0
+        labels = torch.tensor([[shp.ATTRIBUTES[a].index(at[a]) for a in NAMES] for at in attrs])
+        return self.embed(caps), x, labels
+
+
+@torch.no_grad()
+def accuracy(G, z: torch.Tensor, s: torch.Tensor, labels: torch.Tensor, clf) -> dict:
+    was = G.training
+    G.eval()
+    pred = torch.cat([clf.predict(G(z[i:i + 64], s[i:i + 64]).clamp(-1, 1)) for i in range(0, len(z), 64)])
+    G.train(was)
+    hit = pred == labels
+    out = {a: round(float(hit[:, k].float().mean()), 4) for k, a in enumerate(NAMES)}
+    out["all"] = round(float(hit.all(1).float().mean()), 4)
+    return out
+
+
+def run(steps: int = 1500, lr: float = 1e-3, object_weight: float = 30.0, ngf: int = 32,
+        eval_every: int = 100, seed: int = 0, n_eval: int = 256, batch_size: int = 16,
+        grid: str | None = None, prefill: bool = True, log=print) -> dict:
+    torch.manual_seed(seed)
+    clip = FrozenCLIP(TINY_NAME, pretrained="shapes")
+    cfg = variants.get("scad_mi", ngf=ngf, ndf=32)
+    G = variants.build(cfg, clip, img_size=clip.image_size).G
+    clf = sc.load(sc.shipped_path())
+    data = CaptionBatches(clip, clip.image_size)
+    if prefill:
+        data.embed_all()
+    s_eval, x_eval, y_eval = data.draw(np.random.default_rng(EVAL_SEED), n_eval)
+    z_eval = torch.randn(n_eval, cfg.z_dim, generator=torch.Generator().manual_seed(EVAL_SEED))
+    opt = torch.optim.Adam(G.parameters(), lr=lr, betas=cfg.betas)
+    rng = np.random.default_rng(seed)
+    curve, t0, train_s = [], time.perf_counter(), 0.0
+    for step in range(steps + 1):
+        if step % eval_every == 0 or step == steps:
+            acc = accuracy(G, z_eval, s_eval, y_eval, clf)
+            curve.append({"step": step, "train_seconds": round(train_s, 1), **acc})
+            log(f"step {step:5d}  {time.perf_counter() - t0:6.0f}s  "
+                + "  ".join(f"{k} {v:.2f}" for k, v in acc.items()))
+        if step == steps:
+            break
+        t = time.perf_counter()
+        s, x, _ = data.draw(rng, batch_size)
+        w = 1.0 + object_weight * object_mask(x).to(x.dtype)
+        loss = ((G(torch.randn(batch_size, cfg.z_dim), s) - x).abs() * w).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        train_s += time.perf_counter() - t
+    if grid:
+        from torchvision.utils import save_image
+
+        G.eval()
+        with torch.no_grad():
+            fake = G(z_eval[:16], s_eval[:16]).clamp(-1, 1)
+        os.makedirs(os.path.dirname(os.path.abspath(grid)), exist_ok=True)
+        save_image(torch.cat([fake, x_eval[:16]]) * 0.5 + 0.5, grid, nrow=16, padding=2)
+    return {"curve": curve, "n_params_G": sum(p.numel() for p in G.parameters())}
+
+
+CHANCE = {"shape": 1 / 6, "color": 1 / 8, "size": 1 / 3, "position": 1 / 9, "background": 1 / 5}
+
+
+def label(res: dict) -> str:
+    a = res["args"]
+    return f"lr {a['lr']:g}, ngf {a['ngf']}, object weight {a['object_weight']:g}"
+
+
+def report_table(results: list[dict]) -> str:
+    rows = []
+    for res in results:
+        curve = {r["step"]: r for r in res["curve"]}
+        last = max(curve)
+        for step in sorted({s for s in (400, 1000) if s in curve} | {last}):
+            r = curve[step]
+            rows.append([label(res), str(step)] + [f"{r[a]:.2f}" for a in (*NAMES, "all")])
+    chance = ["chance", "–"] + [f"{CHANCE[a]:.2f}" for a in NAMES] + ["0.00"]
+    machines = sorted({"{name} ({type}), {threads} thread(s)".format(**r["environment"]["device"]) for r in results})
+    head = ["run", "step", *NAMES, "all"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows + [chance]]
+    return ("\n".join(lines)
+            + f"\n\nMachine: {'; '.join(machines)}. Accuracy of the shipped classifier on "
+              f"{'/'.join(sorted({str(r['args']['n_eval']) for r in results}))} held-out fully specified captions, fixed noise; raw JSON: `docs/results/g-floor/`.")
+
+
+def plot(results: list[dict], path: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(NAMES), figsize=(3.3 * len(NAMES), 3.0), squeeze=False)
+    for res in results:
+        steps = [r["step"] for r in res["curve"]]
+        for ax, a in zip(axes[0], NAMES):
+            ax.plot(steps, [r[a] for r in res["curve"]], marker="o", ms=2.5, label=label(res))
+    for ax, a in zip(axes[0], NAMES):
+        ax.axhline(CHANCE[a], color="grey", ls="--", lw=0.8)
+        ax.set_title(f"{a} (dashed: chance)", fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("generator trained by a direct pixel teacher (bench/g_floor.py)", fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--object-weight", type=float, default=30.0)
+    p.add_argument("--ngf", type=int, default=32)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--n-eval", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--no-prefill", action="store_true",
+                   help="embed captions as they are drawn instead of all 6,480 at the start (short runs)")
+    p.add_argument("--out", help="write the result JSON here")
+    p.add_argument("--grid", help="write a PNG: top row G's images of 16 held-out captions, bottom row their renders")
+    p.add_argument("--report", nargs="+", metavar="JSON", help="tabulate kept runs instead of training")
+    p.add_argument("--readme", help="with --report: splice the table into this file's g-floor block")
+    p.add_argument("--plot", help="with --report: draw the runs' curves into this PNG")
+    args = p.parse_args(argv)
+    if args.report:
+        results = []
+        for path in args.report:
+            try:
+                with open(path) as f:
+                    results.append(json.load(f))
+            except (OSError, ValueError) as e:
+                p.error(f"cannot read {path}: {e}")
+        md = report_table(results)
+        print(md)
+        if args.plot:
+            print(f"wrote {plot(results, args.plot)}")
+        return splice_readme(args.readme, "<!-- g-floor:begin -->", "<!-- g-floor:end -->", md) if args.readme else 0
+    for name in ("steps", "eval_every", "n_eval", "ngf"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    res = run(args.steps, args.lr, args.object_weight, args.ngf, args.eval_every, args.seed,
+              args.n_eval, grid=args.grid, prefill=not args.no_prefill)
+    out = {"what": "bench/g_floor.py: the embedded generator trained by object-weighted L1 regression to "
+                   "renders of fully specified captions; shipped classifier on 256 held-out captions",
+           "args": vars(args), "environment": environment(torch.device("cpu")), **res}
+    if args.out:
+        write_json(args.out, out, announce=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
