@@ -16,14 +16,17 @@ object (saturated colour: the backgrounds are always neutral grey levels) are we
 ``--object-weight`` so the small object is not drowned by the background. Adam with the recipe's
 betas (0, 0.9), batch 16, the recipe's noise.
 
-Every ``--eval-every`` steps, 256 fixed held-out captions (all attributes named, drawn from a seed
-that training does not use) are drawn with fixed noise and read by the shipped attribute classifier:
+Every ``--eval-every`` steps, 256 fixed evaluation captions (all attributes named, drawn from their
+own seed with fresh renders; of the 6,480 possible captions most also occur in training, which can
+only make the test easier) are drawn with fixed noise and read by the shipped attribute classifier:
 accuracy per attribute and of all five together. Chance: shape 0.17, colour 0.13, size 0.33,
 position 0.11, background 0.2.
 
 Reading: this teacher tells G every pixel of the answer, which no GAN's discriminator does. The step
 at which G learns an attribute here is therefore a floor for what the GAN can learn in that many
-steps with the same generator and optimiser (the embedded GAN run has 1000 steps). This is a
+steps with the same generator and optimiser (the embedded GAN run has 1000 steps) — with one
+caveat: L1 rewards an object's mass more than its outline, where a discriminator could weigh the
+outline more, so it is strong evidence rather than proof. This is a
 diagnostic of the generator's learning speed, not a training recipe; nothing here feeds the GAN.
 """
 
@@ -48,7 +51,7 @@ from scadfast.models.clip import TINY_NAME, FrozenCLIP  # noqa: E402
 from common import environment, splice_readme, write_json  # noqa: E402
 
 NAMES = shp.ATTRIBUTE_NAMES
-EVAL_SEED = 123_457  # the held-out captions' seed; training draws from --seed
+EVAL_SEED = 123_457  # the evaluation captions' and noise's seed; training draws from --seed
 
 
 def object_mask(x: torch.Tensor, threshold: float = 0.3) -> torch.Tensor:
@@ -168,7 +171,7 @@ def report_table(results: list[dict]) -> str:
     lines += ["| " + " | ".join(r) + " |" for r in rows + [chance]]
     return ("\n".join(lines)
             + f"\n\nMachine: {'; '.join(machines)}. Accuracy of the shipped classifier on "
-              f"{'/'.join(sorted({str(r['args']['n_eval']) for r in results}))} held-out fully specified captions, fixed noise; raw JSON: `docs/results/g-floor/`.")
+              f"{'/'.join(sorted({str(r['args']['n_eval']) for r in results}))} fixed evaluation captions (fully specified, fresh renders), fixed noise; raw JSON: `docs/results/g-floor/`.")
 
 
 def plot(results: list[dict], path: str) -> str:
@@ -211,7 +214,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-prefill", action="store_true",
                    help="embed captions as they are drawn instead of all 6,480 at the start (short runs)")
     p.add_argument("--out", help="write the result JSON here")
-    p.add_argument("--grid", help="write a PNG: top row G's images of 16 held-out captions, bottom row their renders")
+    p.add_argument("--grid", help="write a PNG: top row G's images of 16 evaluation captions, bottom row their renders")
     p.add_argument("--report", nargs="+", metavar="JSON", help="tabulate kept runs instead of training")
     p.add_argument("--readme", help="with --report: splice the table into this file's g-floor block")
     p.add_argument("--plot", help="with --report: draw the runs' curves into this PNG")
@@ -237,7 +240,7 @@ def main(argv=None) -> int:
     res = run(args.steps, args.lr, args.object_weight, args.ngf, args.eval_every, args.seed,
               args.n_eval, grid=args.grid, prefill=not args.no_prefill)
     out = {"what": "bench/g_floor.py: the embedded generator trained by object-weighted L1 regression to "
-                   "renders of fully specified captions; shipped classifier on 256 held-out captions",
+                   "renders of fully specified captions; shipped classifier on n_eval fixed evaluation captions",
            "args": vars(args), "environment": environment(torch.device("cpu")), **res}
     if args.out:
         write_json(args.out, out, announce=True)
