@@ -280,12 +280,11 @@ def run(argv=None) -> int:
     finally:
         if a.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    text = json.dumps(res, indent=1)
     if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
-    print(text)
+        from common import write_json
+
+        write_json(a.out, res)
+    print(json.dumps(res, indent=1))
     return 0
 
 

@@ -46,6 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from scadfast import shapes_classifier as sc  # noqa: E402
 from scadfast import variants  # noqa: E402
+from scadfast.grid import save_grid  # noqa: E402
 from scadfast.data import shapes as shp  # noqa: E402
 from scadfast.models.clip import TINY_NAME, FrozenCLIP  # noqa: E402
 from common import environment, splice_readme, write_json  # noqa: E402
@@ -138,17 +139,13 @@ def run(steps: int = 1500, lr: float = 1e-3, object_weight: float = 30.0, ngf: i
         opt.step()
         train_s += time.perf_counter() - t
     if grid:
-        from torchvision.utils import save_image
-
         G.eval()
         with torch.no_grad():
-            fake = G(z_eval[:16], s_eval[:16]).clamp(-1, 1)
-        os.makedirs(os.path.dirname(os.path.abspath(grid)), exist_ok=True)
-        save_image(torch.cat([fake, x_eval[:16]]) * 0.5 + 0.5, grid, nrow=16, padding=2)
+            save_grid(torch.cat([G(z_eval[:16], s_eval[:16]), x_eval[:16]]), grid, nrow=16)
     return {"curve": curve, "n_params_G": sum(p.numel() for p in G.parameters())}
 
 
-CHANCE = {"shape": 1 / 6, "color": 1 / 8, "size": 1 / 3, "position": 1 / 9, "background": 1 / 5}
+CHANCE = {a: 1 / len(shp.ATTRIBUTES[a]) for a in NAMES}  # uniform guessing
 
 
 def label(res: dict) -> str:

@@ -253,11 +253,10 @@ def run(argv=None) -> int:
                 "shapes are (rows, cols) for spectral_norm matrices, tensor shapes otherwise",
         "models": models,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-        f.write("\n")
-    print(f"wrote {args.out}")
+    sys.path.insert(0, HERE)
+    from common import write_json
+
+    write_json(args.out, result, announce=True)
     return 0
 
 
