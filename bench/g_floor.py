@@ -1,12 +1,16 @@
 """How fast can the generator learn the shapes task from a direct pixel teacher? (learning issue)
 
     python bench/g_floor.py [--steps 1500] [--lr 1e-3] [--object-weight 30] [--ngf 32]
+                            [--arch galip|decoder] [--betas B1 B2]
                             [--eval-every 100] [--seed 0] [--threads 2] [--out JSON] [--grid PNG]
+    python bench/g_floor.py --optimum [--renders 32] [--out JSON]
     python bench/g_floor.py --report JSON [JSON ...] [--readme README.md] [--plot PNG]
 
 ``--report`` prints the kept runs as one table (each run at steps 400, 1000 and its last step) and
 with ``--readme`` splices it between ``<!-- g-floor:begin -->`` and ``<!-- g-floor:end -->``;
 ``--plot`` draws each attribute's accuracy against the step, one line per run.
+``--optimum`` scores what a perfect learner of this teacher would draw (see below); its JSON enters
+the report as one more row and as a dotted line in the plot.
 
 The embedded default's generator (``scad_mi``'s G at the embedded width, with the shipped CLIP as
 its frozen mapper) is trained by regression alone, with no discriminator and no CLIP loss. Its
@@ -21,6 +25,17 @@ own seed with fresh renders; of the 6,480 possible captions most also occur in t
 only make the test easier) are drawn with fixed noise and read by the shipped attribute classifier:
 accuracy per attribute and of all five together. Chance: shape 0.17, colour 0.13, size 0.33,
 position 0.11, background 0.2.
+
+The loss's optimum: per pixel, the weighted L1 loss over the renders of one caption is minimised by
+their weighted median. ``--optimum`` draws that median from 32 fresh renders of each evaluation
+caption and lets the classifier read it, so the table shows what the teacher *can* teach. The object
+weighting makes the optimum draw a pixel as object wherever the jittered object covers it in more
+than about 1/32 of the renders, so the optimum's object is slightly enlarged: its size is at chance
+by construction and this teacher says nothing about size; its shape still reads correctly.
+
+``--arch decoder`` swaps G for a conventional conditional decoder of about the same size
+(:class:`Decoder`, usually trained with Adam (0.5, 0.999)): the control that tells "slow for this
+generator" from "slow for any generator of this size on this task".
 
 Reading: this teacher tells G every pixel of the answer, which no GAN's discriminator does. The step
 at which G learns an attribute here is therefore a floor for what the GAN can learn in that many
@@ -94,6 +109,60 @@ class CaptionBatches:
         return self.embed(caps), x, labels
 
 
+class Decoder(torch.nn.Module):
+    """The control: a conventional conditional decoder of about G's size (4.1 M parameters at the
+    embedded sizes). [z ‖ s] → linear → ReLU → (256, 8, 8) → 3 × (2× nearest up-sampling, conv 3×3,
+    BatchNorm, ReLU), halving the channels → conv 3×3 to RGB. The text reaches the spatial map in the
+    first layer, where GALIP's G has it only in per-channel affines and the mapper's prompts."""
+
+    def __init__(self, cond_dim: int, width: int = 256, grid: int = 8, n_up: int = 3):
+        super().__init__()
+        nn = torch.nn
+        self.width, self.grid = width, grid
+        self.fc = nn.Linear(cond_dim, width * grid * grid)
+        layers, c = [], width
+        for _ in range(n_up):
+            layers += [nn.Upsample(scale_factor=2), nn.Conv2d(c, c // 2, 3, 1, 1), nn.BatchNorm2d(c // 2), nn.ReLU()]
+            c //= 2
+        self.net = nn.Sequential(*layers, nn.Conv2d(c, 3, 3, 1, 1))
+
+    def forward(self, z: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc(torch.cat([z, s.to(z.dtype)], 1)))
+        return self.net(h.view(len(z), self.width, self.grid, self.grid))
+
+
+def weighted_median(samples: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Per-pixel weighted median over axis 0: ``samples`` (n, H, W, C), ``weights`` (n, H, W). It is
+    the minimiser of Σ_i w_i·|y − x_i| per pixel and channel, i.e. the best a generator could do under
+    the weighted L1 loss for a caption whose renders are ``samples``."""
+    order = np.argsort(samples, axis=0, kind="stable")
+    xs = np.take_along_axis(samples, order, 0)
+    ws = np.take_along_axis(np.broadcast_to(weights[..., None], samples.shape), order, 0)
+    cum = np.cumsum(ws, 0)
+    first = (cum >= cum[-1] / 2).argmax(0)
+    return np.take_along_axis(xs, first[None], 0)[0]
+
+
+def optimum(object_weight: float = 30.0, n_eval: int = 256, renders: int = 32, image_size: int = 64) -> dict:
+    """The shipped classifier's accuracy on the loss's own optimum: for each evaluation caption, the
+    weighted pixelwise median of ``renders`` fresh renders (weights as in training). What G would
+    score if it had learned the teacher perfectly."""
+    clf = sc.load(sc.shipped_path())
+    rng = np.random.default_rng(EVAL_SEED)
+    attrs = [{a: str(rng.choice(shp.ATTRIBUTES[a])) for a in NAMES} for _ in range(n_eval)]
+    labels = torch.tensor([[shp.ATTRIBUTES[a].index(at[a]) for a in NAMES] for at in attrs])
+    best = []
+    for at in attrs:
+        r = np.stack([shp.render(at, image_size, rng) for _ in range(renders)]).astype(np.float32)
+        w = 1.0 + object_weight * object_mask(torch.from_numpy(r / 127.5 - 1.0).permute(0, 3, 1, 2))[:, 0].numpy()
+        best.append(weighted_median(r, w.astype(np.float32)))
+    x = torch.from_numpy(np.stack(best)).permute(0, 3, 1, 2) / 127.5 - 1.0
+    hit = clf.predict(x) == labels
+    out = {a: round(float(hit[:, k].float().mean()), 4) for k, a in enumerate(NAMES)}
+    out["all"] = round(float(hit.all(1).float().mean()), 4)
+    return out
+
+
 @torch.no_grad()
 def accuracy(G, z: torch.Tensor, s: torch.Tensor, labels: torch.Tensor, clf) -> dict:
     was = G.training
@@ -108,18 +177,22 @@ def accuracy(G, z: torch.Tensor, s: torch.Tensor, labels: torch.Tensor, clf) -> 
 
 def run(steps: int = 1500, lr: float = 1e-3, object_weight: float = 30.0, ngf: int = 32,
         eval_every: int = 100, seed: int = 0, n_eval: int = 256, batch_size: int = 16,
-        grid: str | None = None, prefill: bool = True, log=print) -> dict:
+        grid: str | None = None, prefill: bool = True, arch: str = "galip",
+        betas: tuple[float, float] | None = None, log=print) -> dict:
     torch.manual_seed(seed)
     clip = FrozenCLIP(TINY_NAME, pretrained="shapes")
     cfg = variants.get("scad_mi", ngf=ngf, ndf=32)
-    G = variants.build(cfg, clip, img_size=clip.image_size).G
+    if arch == "galip":
+        G = variants.build(cfg, clip, img_size=clip.image_size).G
+    else:
+        G = Decoder(cfg.z_dim + clip.embed_dim, grid=clip.image_size // 8)
     clf = sc.load(sc.shipped_path())
     data = CaptionBatches(clip, clip.image_size)
     if prefill:
         data.embed_all()
     s_eval, x_eval, y_eval = data.draw(np.random.default_rng(EVAL_SEED), n_eval)
     z_eval = torch.randn(n_eval, cfg.z_dim, generator=torch.Generator().manual_seed(EVAL_SEED))
-    opt = torch.optim.Adam(G.parameters(), lr=lr, betas=cfg.betas)
+    opt = torch.optim.Adam(G.parameters(), lr=lr, betas=tuple(betas or cfg.betas))
     rng = np.random.default_rng(seed)
     curve, t0, train_s = [], time.perf_counter(), 0.0
     for step in range(steps + 1):
@@ -150,25 +223,37 @@ CHANCE = {a: 1 / len(shp.ATTRIBUTES[a]) for a in NAMES}  # uniform guessing
 
 def label(res: dict) -> str:
     a = res["args"]
-    return f"lr {a['lr']:g}, ngf {a['ngf']}, object weight {a['object_weight']:g}"
+    b1, b2 = a.get("betas") or variants.get("scad_mi").betas
+    who = "control decoder" if a.get("arch") == "decoder" else f"G ngf {a['ngf']}"
+    return f"{who}, lr {a['lr']:g}, Adam ({b1:g}, {b2:g}), object weight {a['object_weight']:g}"
+
+
+def is_optimum(res: dict) -> bool:
+    return "accuracy" in res and "curve" not in res
 
 
 def report_table(results: list[dict]) -> str:
     rows = []
     for res in results:
+        if is_optimum(res):
+            r = res["accuracy"]
+            rows.append([f"the loss's optimum (weighted median of {res['args']['renders']} renders, object weight "
+                         f"{res['args']['object_weight']:g})", "–"] + [f"{r[a]:.2f}" for a in (*NAMES, "all")])
+            continue
         curve = {r["step"]: r for r in res["curve"]}
         last = max(curve)
         for step in sorted({s for s in (400, 1000) if s in curve} | {last}):
             r = curve[step]
             rows.append([label(res), str(step)] + [f"{r[a]:.2f}" for a in (*NAMES, "all")])
     chance = ["chance", "–"] + [f"{CHANCE[a]:.2f}" for a in NAMES] + ["0.00"]
-    machines = sorted({"{name} ({type}), {threads} thread(s)".format(**r["environment"]["device"]) for r in results})
+    machines = sorted({"{name} ({type}), {threads} thread(s)".format(**r["environment"]["device"])
+                       for r in results if not is_optimum(r)})
     head = ["run", "step", *NAMES, "all"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows + [chance]]
     return ("\n".join(lines)
             + f"\n\nMachine: {'; '.join(machines)}. Accuracy of the shipped classifier on "
-              f"{'/'.join(sorted({str(r['args']['n_eval']) for r in results}))} fixed evaluation captions (fully specified, fresh renders), fixed noise; raw JSON: `docs/results/g-floor/`.")
+              f"{'/'.join(sorted({str(r['args']['n_eval']) for r in results if not is_optimum(r)}))} fixed evaluation captions (fully specified, fresh renders), fixed noise; raw JSON: `docs/results/g-floor/`.")
 
 
 def plot(results: list[dict], path: str) -> str:
@@ -177,14 +262,18 @@ def plot(results: list[dict], path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(NAMES), figsize=(3.3 * len(NAMES), 3.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(NAMES), figsize=(3.3 * len(NAMES), 3.3), squeeze=False)
     for res in results:
+        if is_optimum(res):
+            for ax, a in zip(axes[0], NAMES):
+                ax.axhline(res["accuracy"][a], color="black", ls=":", lw=1.0)
+            continue
         steps = [r["step"] for r in res["curve"]]
         for ax, a in zip(axes[0], NAMES):
             ax.plot(steps, [r[a] for r in res["curve"]], marker="o", ms=2.5, label=label(res))
     for ax, a in zip(axes[0], NAMES):
         ax.axhline(CHANCE[a], color="grey", ls="--", lw=0.8)
-        ax.set_title(f"{a} (dashed: chance)", fontsize=10)
+        ax.set_title(f"{a}\n(dashed: chance, dotted: the loss's optimum)", fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
@@ -204,6 +293,13 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--object-weight", type=float, default=30.0)
     p.add_argument("--ngf", type=int, default=32)
+    p.add_argument("--arch", choices=("galip", "decoder"), default="galip",
+                   help="galip: the embedded default's G; decoder: the conventional control (see Decoder)")
+    p.add_argument("--betas", type=float, nargs=2, metavar=("B1", "B2"),
+                   help="Adam's betas (default: the recipe's, 0 and 0.9)")
+    p.add_argument("--optimum", action="store_true",
+                   help="instead of training: score the loss's optimum on the evaluation captions")
+    p.add_argument("--renders", type=int, default=32, help="with --optimum: renders per caption")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--n-eval", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
@@ -229,13 +325,22 @@ def main(argv=None) -> int:
         if args.plot:
             print(f"wrote {plot(results, args.plot)}")
         return splice_readme(args.readme, "<!-- g-floor:begin -->", "<!-- g-floor:end -->", md) if args.readme else 0
-    for name in ("steps", "eval_every", "n_eval", "ngf"):
+    for name in ("steps", "eval_every", "n_eval", "ngf", "renders"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.optimum:
+        args_kept = {k: getattr(args, k) for k in ("object_weight", "n_eval", "renders")}
+        out = {"what": "bench/g_floor.py --optimum: shipped classifier on the weighted pixelwise median of "
+                       "fresh renders of each evaluation caption (the weighted L1 loss's minimiser)",
+               "args": args_kept, "accuracy": optimum(args.object_weight, args.n_eval, args.renders)}
+        print("  ".join(f"{k} {v:.2f}" for k, v in out["accuracy"].items()))
+        if args.out:
+            write_json(args.out, out, announce=True)
+        return 0
     res = run(args.steps, args.lr, args.object_weight, args.ngf, args.eval_every, args.seed,
-              args.n_eval, grid=args.grid, prefill=not args.no_prefill)
+              args.n_eval, grid=args.grid, prefill=not args.no_prefill, arch=args.arch, betas=args.betas)
     out = {"what": "bench/g_floor.py: the embedded generator trained by object-weighted L1 regression to "
                    "renders of fully specified captions; shipped classifier on n_eval fixed evaluation captions",
            "args": vars(args), "environment": environment(torch.device("cpu")), **res}

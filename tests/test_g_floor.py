@@ -41,9 +41,45 @@ def test_short_run_writes_the_curve(bench_module, tmp_path, one_thread):
     assert gf.main(["--report", str(out), "--readme", str(readme), "--plot", str(png)]) == 0
     text = readme.read_text()
     assert "old" not in text and text.startswith("intro\n") and text.endswith("rest\n")
-    rows = [ln for ln in text.splitlines() if ln.startswith("| lr 0.001, ngf 32, object weight 30 |")]
+    rows = [ln for ln in text.splitlines() if ln.startswith("| G ngf 32, lr 0.001, Adam (0, 0.9), object weight 30 |")]
     assert [ln.split(" | ")[1] for ln in rows] == ["2"]  # only the last step: no step 400 or 1000 here
     assert "| chance |" in text and png.stat().st_size > 0
     with pytest.raises(SystemExit):
         gf.main(["--report", str(tmp_path / "missing.json")])
 
+
+
+def test_weighted_median_minimises_the_weighted_l1_loss(bench_module):
+    gf = bench_module("g_floor")
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(7, 3, 2, 3)).astype(np.float32)
+    w = rng.uniform(0.5, 5.0, size=(7, 3, 2)).astype(np.float32)
+    m = gf.weighted_median(x, w)
+    assert m.shape == (3, 2, 3)
+    cand = np.arange(256, dtype=np.float32)
+    loss = (w[..., None, None] * np.abs(cand - x[..., None])).sum(0)  # (3, 2, 3, 256)
+    best = loss.min(-1)
+    got = (w[..., None] * np.abs(m[None] - x)).sum(0)
+    np.testing.assert_allclose(got, best, rtol=1e-6)
+    # a heavy weight on one sample pulls the minimiser onto it
+    w2 = np.ones((7, 3, 2), np.float32)
+    w2[3] = 100.0
+    np.testing.assert_array_equal(gf.weighted_median(x, w2), x[3])
+
+
+def test_optimum_and_decoder_control_enter_the_report(bench_module, tmp_path, one_thread):
+    gf = bench_module("g_floor")
+    opt, dec = tmp_path / "optimum.json", tmp_path / "decoder.json"
+    assert gf.main(["--optimum", "--n-eval", "6", "--renders", "3", "--out", str(opt)]) == 0
+    res = json.loads(opt.read_text())
+    assert set(res["accuracy"]) == {*shp.ATTRIBUTE_NAMES, "all"} and "curve" not in res
+    assert res["args"] == {"object_weight": 30.0, "n_eval": 6, "renders": 3}
+    assert gf.main(["--arch", "decoder", "--betas", "0.5", "0.999", "--steps", "1", "--eval-every", "1",
+                    "--n-eval", "4", "--no-prefill", "--out", str(dec)]) == 0
+    d = json.loads(dec.read_text())
+    assert d["args"]["arch"] == "decoder" and d["args"]["betas"] == [0.5, 0.999] and d["n_params_G"] > 0
+    md = gf.report_table([res, d])
+    assert "| control decoder, lr 0.001, Adam (0.5, 0.999), object weight 30 | 1 |" in md
+    assert "| the loss's optimum (weighted median of 3 renders, object weight 30) | – |" in md
+    png = tmp_path / "curves.png"
+    assert gf.main(["--report", str(opt), str(dec), "--plot", str(png)]) == 0 and png.stat().st_size > 0
