@@ -6,7 +6,7 @@
     python bench/g_floor.py --optimum [--renders 32] [--out JSON]
     python bench/g_floor.py --report JSON [JSON ...] [--readme README.md] [--plot PNG]
 
-``--report`` prints the kept runs as one table (each run at steps 400, 1000 and its last step) and
+``--report`` prints the kept runs as one table (each run at steps 400, 1000, 3000 and its last step) and
 with ``--readme`` splices it between ``<!-- g-floor:begin -->`` and ``<!-- g-floor:end -->``;
 ``--plot`` draws each attribute's accuracy against the step, one line per run.
 ``--optimum`` scores what a perfect learner of this teacher would draw (see below); its JSON enters
@@ -242,7 +242,7 @@ def report_table(results: list[dict]) -> str:
             continue
         curve = {r["step"]: r for r in res["curve"]}
         last = max(curve)
-        for step in sorted({s for s in (400, 1000) if s in curve} | {last}):
+        for step in sorted({s for s in (400, 1000, 3000) if s in curve} | {last}):
             r = curve[step]
             rows.append([label(res), str(step)] + [f"{r[a]:.2f}" for a in (*NAMES, "all")])
     chance = ["chance", "–"] + [f"{CHANCE[a]:.2f}" for a in NAMES] + ["0.00"]
@@ -262,24 +262,29 @@ def plot(results: list[dict], path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(NAMES), figsize=(3.3 * len(NAMES), 3.3), squeeze=False)
+    legend_rows = -(-len(results) // 3)
+    fig, axes = plt.subplots(1, len(NAMES), figsize=(3.3 * len(NAMES), 3.0 + 0.25 * legend_rows), squeeze=False)
+    optimum_styles = iter([("black", ":"), ("dimgrey", "-."), ("silver", ":")] * len(results))
     for res in results:
         if is_optimum(res):
+            colour, ls = next(optimum_styles)
             for ax, a in zip(axes[0], NAMES):
-                ax.axhline(res["accuracy"][a], color="black", ls=":", lw=1.0)
+                ax.axhline(res["accuracy"][a], color=colour, ls=ls, lw=1.2,
+                           label=f"the loss's optimum, object weight {res['args']['object_weight']:g}")
             continue
         steps = [r["step"] for r in res["curve"]]
         for ax, a in zip(axes[0], NAMES):
             ax.plot(steps, [r[a] for r in res["curve"]], marker="o", ms=2.5, label=label(res))
     for ax, a in zip(axes[0], NAMES):
         ax.axhline(CHANCE[a], color="grey", ls="--", lw=0.8)
-        ax.set_title(f"{a}\n(dashed: chance, dotted: the loss's optimum)", fontsize=9)
+        ax.set_title(f"{a} (dashed: chance)", fontsize=10)
         ax.set_xlabel("step")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.suptitle("generator trained by a direct pixel teacher (bench/g_floor.py)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08 * legend_rows, 1, 1))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
