@@ -30,8 +30,9 @@ The loss's optimum: per pixel, the weighted L1 loss over the renders of one capt
 their weighted median. ``--optimum`` draws that median from 32 fresh renders of each evaluation
 caption and lets the classifier read it, so the table shows what the teacher *can* teach. The object
 weighting makes the optimum draw a pixel as object wherever the jittered object covers it in more
-than about 1/32 of the renders, so the optimum's object is slightly enlarged: its size is at chance
-by construction and this teacher says nothing about size; its shape still reads correctly.
+than 1/(2 + object weight) of the renders (1/32 at the default), so the optimum's object is enlarged:
+at the default weight its size reads at chance and this teacher says nothing about size, while its
+shape still reads correctly (``--object-weight 3`` keeps both).
 
 ``--arch decoder`` swaps G for a conventional conditional decoder of about the same size
 (:class:`Decoder`, usually trained with Adam (0.5, 0.999)): the control that tells "slow for this
@@ -131,6 +132,14 @@ class Decoder(torch.nn.Module):
         return self.net(h.view(len(z), self.width, self.grid, self.grid))
 
 
+def scores(pred: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Accuracy per attribute and of all five together, from (n, 5) predicted and true value indices."""
+    hit = pred == labels
+    out = {a: round(float(hit[:, k].float().mean()), 4) for k, a in enumerate(NAMES)}
+    out["all"] = round(float(hit.all(1).float().mean()), 4)
+    return out
+
+
 def weighted_median(samples: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Per-pixel weighted median over axis 0: ``samples`` (n, H, W, C), ``weights`` (n, H, W). It is
     the minimiser of Σ_i w_i·|y − x_i| per pixel and channel, i.e. the best a generator could do under
@@ -157,10 +166,7 @@ def optimum(object_weight: float = 30.0, n_eval: int = 256, renders: int = 32, i
         w = 1.0 + object_weight * object_mask(torch.from_numpy(r / 127.5 - 1.0).permute(0, 3, 1, 2))[:, 0].numpy()
         best.append(weighted_median(r, w.astype(np.float32)))
     x = torch.from_numpy(np.stack(best)).permute(0, 3, 1, 2) / 127.5 - 1.0
-    hit = clf.predict(x) == labels
-    out = {a: round(float(hit[:, k].float().mean()), 4) for k, a in enumerate(NAMES)}
-    out["all"] = round(float(hit.all(1).float().mean()), 4)
-    return out
+    return scores(clf.predict(x), labels)
 
 
 @torch.no_grad()
@@ -169,10 +175,7 @@ def accuracy(G, z: torch.Tensor, s: torch.Tensor, labels: torch.Tensor, clf) -> 
     G.eval()
     pred = torch.cat([clf.predict(G(z[i:i + 64], s[i:i + 64]).clamp(-1, 1)) for i in range(0, len(z), 64)])
     G.train(was)
-    hit = pred == labels
-    out = {a: round(float(hit[:, k].float().mean()), 4) for k, a in enumerate(NAMES)}
-    out["all"] = round(float(hit.all(1).float().mean()), 4)
-    return out
+    return scores(pred, labels)
 
 
 def run(steps: int = 1500, lr: float = 1e-3, object_weight: float = 30.0, ngf: int = 32,
