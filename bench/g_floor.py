@@ -77,6 +77,22 @@ def object_mask(x: torch.Tensor, threshold: float = 0.3) -> torch.Tensor:
     return (x.amax(1, keepdim=True) - x.amin(1, keepdim=True)) > threshold
 
 
+def draw_attrs(rng: np.random.Generator, n: int) -> tuple[list[dict], torch.Tensor]:
+    """``n`` fully specified attribute sets and their (n, 5) value indices."""
+    attrs = [{a: str(rng.choice(shp.ATTRIBUTES[a])) for a in NAMES} for _ in range(n)]
+    return attrs, torch.tensor([[shp.ATTRIBUTES[a].index(at[a]) for a in NAMES] for at in attrs])
+
+
+def to_unit(imgs: np.ndarray) -> torch.Tensor:
+    """uint8 (n, H, W, 3) renders → float (n, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(imgs).float().permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def pixel_weights(x: torch.Tensor, object_weight: float) -> torch.Tensor:
+    """(B, 1, H, W) weights of the L1 loss: 1 + ``object_weight`` on the object's pixels."""
+    return 1.0 + object_weight * object_mask(x).to(x.dtype)
+
+
 class CaptionBatches:
     """Fully specified captions, their renders and their text embeddings (cached per caption)."""
 
@@ -102,11 +118,9 @@ class CaptionBatches:
 
     def draw(self, rng: np.random.Generator, n: int):
         """(s (n, d), images (n, 3, H, W) in [-1, 1], labels (n, 5) value indices)."""
-        attrs = [{a: str(rng.choice(shp.ATTRIBUTES[a])) for a in NAMES} for _ in range(n)]
+        attrs, labels = draw_attrs(rng, n)
         caps = [shp.format_caption(a, NAMES) for a in attrs]
-        imgs = np.stack([shp.render(a, self.image_size, rng) for a in attrs])
-        x = torch.from_numpy(imgs).float().permute(0, 3, 1, 2) / 127.5 - 1.0
-        labels = torch.tensor([[shp.ATTRIBUTES[a].index(at[a]) for a in NAMES] for at in attrs])
+        x = to_unit(np.stack([shp.render(a, self.image_size, rng) for a in attrs]))
         return self.embed(caps), x, labels
 
 
@@ -158,15 +172,13 @@ def optimum(object_weight: float = 30.0, n_eval: int = 256, renders: int = 32, i
     score if it had learned the teacher perfectly."""
     clf = sc.load(sc.shipped_path())
     rng = np.random.default_rng(EVAL_SEED)
-    attrs = [{a: str(rng.choice(shp.ATTRIBUTES[a])) for a in NAMES} for _ in range(n_eval)]
-    labels = torch.tensor([[shp.ATTRIBUTES[a].index(at[a]) for a in NAMES] for at in attrs])
+    attrs, labels = draw_attrs(rng, n_eval)  # the same captions as run()'s evaluation set
     best = []
     for at in attrs:
-        r = np.stack([shp.render(at, image_size, rng) for _ in range(renders)]).astype(np.float32)
-        w = 1.0 + object_weight * object_mask(torch.from_numpy(r / 127.5 - 1.0).permute(0, 3, 1, 2))[:, 0].numpy()
-        best.append(weighted_median(r, w.astype(np.float32)))
-    x = torch.from_numpy(np.stack(best)).permute(0, 3, 1, 2) / 127.5 - 1.0
-    return scores(clf.predict(x), labels)
+        r = np.stack([shp.render(at, image_size, rng) for _ in range(renders)])
+        w = pixel_weights(to_unit(r), object_weight)[:, 0].numpy()
+        best.append(weighted_median(r.astype(np.float32), w))
+    return scores(clf.predict(to_unit(np.stack(best))), labels)
 
 
 @torch.no_grad()
@@ -208,8 +220,7 @@ def run(steps: int = 1500, lr: float = 1e-3, object_weight: float = 30.0, ngf: i
             break
         t = time.perf_counter()
         s, x, _ = data.draw(rng, batch_size)
-        w = 1.0 + object_weight * object_mask(x).to(x.dtype)
-        loss = ((G(torch.randn(batch_size, cfg.z_dim), s) - x).abs() * w).mean()
+        loss = ((G(torch.randn(batch_size, cfg.z_dim), s) - x).abs() * pixel_weights(x, object_weight)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
