@@ -1,7 +1,7 @@
 """How fast can the generator learn the shapes task from a direct pixel teacher? (learning issue)
 
     python bench/g_floor.py [--steps 1500] [--lr 1e-3] [--object-weight 30] [--ngf 32]
-                            [--arch galip|decoder] [--betas B1 B2]
+                            [--arch galip|decoder] [--betas B1 B2] [--canonical]
                             [--eval-every 100] [--seed 0] [--threads 2] [--out JSON] [--grid PNG]
     python bench/g_floor.py --optimum [--renders 32] [--out JSON]
     python bench/g_floor.py --report JSON [JSON ...] [--readme README.md] [--plot PNG]
@@ -37,6 +37,11 @@ shape still reads correctly (``--object-weight 3`` keeps both).
 ``--arch decoder`` swaps G for a conventional conditional decoder of about the same size
 (:class:`Decoder`, usually trained with Adam (0.5, 0.999)): the control that tells "slow for this
 generator" from "slow for any generator of this size on this task".
+
+``--canonical`` teaches with the renderer's canonical images (no jitter of place, radius, colour or
+background), so each caption has exactly one target and no sample's gradient is noise; evaluation is
+unchanged (fresh jittered renders). It tells "shape is slow because the jittered targets' outlines
+disagree" from "shape is slow even when the answer is exact".
 
 Reading: this teacher tells G every pixel of the answer, which no GAN's discriminator does. The step
 at which G learns an attribute here is therefore a floor for what the GAN can learn in that many
@@ -96,8 +101,8 @@ def pixel_weights(x: torch.Tensor, object_weight: float) -> torch.Tensor:
 class CaptionBatches:
     """Fully specified captions, their renders and their text embeddings (cached per caption)."""
 
-    def __init__(self, clip: FrozenCLIP, image_size: int):
-        self.clip, self.image_size = clip, image_size
+    def __init__(self, clip: FrozenCLIP, image_size: int, canonical: bool = False):
+        self.clip, self.image_size, self.canonical = clip, image_size, canonical
         self._emb: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
@@ -116,11 +121,14 @@ class CaptionBatches:
         combos = itertools.product(*(shp.ATTRIBUTES[a] for a in NAMES))
         self.embed([shp.format_caption(dict(zip(NAMES, c)), NAMES) for c in combos])
 
-    def draw(self, rng: np.random.Generator, n: int):
-        """(s (n, d), images (n, 3, H, W) in [-1, 1], labels (n, 5) value indices)."""
+    def draw(self, rng: np.random.Generator, n: int, canonical: bool | None = None):
+        """(s (n, d), images (n, 3, H, W) in [-1, 1], labels (n, 5) value indices). With
+        ``canonical`` (default: the instance's) the images are the renderer's canonical ones: no
+        nuisance jitter, so every caption has exactly one target."""
         attrs, labels = draw_attrs(rng, n)
         caps = [shp.format_caption(a, NAMES) for a in attrs]
-        x = to_unit(np.stack([shp.render(a, self.image_size, rng) for a in attrs]))
+        canonical = self.canonical if canonical is None else canonical
+        x = to_unit(np.stack([shp.render(a, self.image_size, None if canonical else rng) for a in attrs]))
         return self.embed(caps), x, labels
 
 
@@ -193,7 +201,7 @@ def accuracy(G, z: torch.Tensor, s: torch.Tensor, labels: torch.Tensor, clf) -> 
 def run(steps: int = 1500, lr: float = 1e-3, object_weight: float = 30.0, ngf: int = 32,
         eval_every: int = 100, seed: int = 0, n_eval: int = 256, batch_size: int = 16,
         grid: str | None = None, prefill: bool = True, arch: str = "galip",
-        betas: tuple[float, float] | None = None, log=print) -> dict:
+        betas: tuple[float, float] | None = None, canonical: bool = False, log=print) -> dict:
     torch.manual_seed(seed)
     clip = FrozenCLIP(TINY_NAME, pretrained="shapes")
     cfg = variants.get("scad_mi", ngf=ngf, ndf=32)
@@ -202,10 +210,10 @@ def run(steps: int = 1500, lr: float = 1e-3, object_weight: float = 30.0, ngf: i
     else:
         G = Decoder(cfg.z_dim + clip.embed_dim, grid=clip.image_size // 8)
     clf = sc.load(sc.shipped_path())
-    data = CaptionBatches(clip, clip.image_size)
+    data = CaptionBatches(clip, clip.image_size, canonical)
     if prefill:
         data.embed_all()
-    s_eval, x_eval, y_eval = data.draw(np.random.default_rng(EVAL_SEED), n_eval)
+    s_eval, x_eval, y_eval = data.draw(np.random.default_rng(EVAL_SEED), n_eval, canonical=False)
     z_eval = torch.randn(n_eval, cfg.z_dim, generator=torch.Generator().manual_seed(EVAL_SEED))
     opt = torch.optim.Adam(G.parameters(), lr=lr, betas=tuple(betas or cfg.betas))
     rng = np.random.default_rng(seed)
@@ -239,7 +247,8 @@ def label(res: dict) -> str:
     a = res["args"]
     b1, b2 = a.get("betas") or variants.get("scad_mi").betas
     who = "control decoder" if a.get("arch") == "decoder" else f"G ngf {a['ngf']}"
-    return f"{who}, lr {a['lr']:g}, Adam ({b1:g}, {b2:g}), object weight {a['object_weight']:g}"
+    canon = ", canonical renders (no jitter)" if a.get("canonical") else ""
+    return f"{who}, lr {a['lr']:g}, Adam ({b1:g}, {b2:g}), object weight {a['object_weight']:g}{canon}"
 
 
 def is_optimum(res: dict) -> bool:
@@ -319,6 +328,9 @@ def main(argv=None) -> int:
     p.add_argument("--optimum", action="store_true",
                    help="instead of training: score the loss's optimum on the evaluation captions")
     p.add_argument("--renders", type=int, default=32, help="with --optimum: renders per caption")
+    p.add_argument("--canonical", action="store_true",
+                   help="teach with the renderer's canonical images (no nuisance jitter: one exact target "
+                        "per caption); evaluation is unchanged")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--n-eval", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
@@ -359,7 +371,8 @@ def main(argv=None) -> int:
             write_json(args.out, out, announce=True)
         return 0
     res = run(args.steps, args.lr, args.object_weight, args.ngf, args.eval_every, args.seed,
-              args.n_eval, grid=args.grid, prefill=not args.no_prefill, arch=args.arch, betas=args.betas)
+              args.n_eval, grid=args.grid, prefill=not args.no_prefill, arch=args.arch, betas=args.betas,
+              canonical=args.canonical)
     out = {"what": "bench/g_floor.py: the embedded generator trained by object-weighted L1 regression to "
                    "renders of fully specified captions; shipped classifier on n_eval fixed evaluation captions",
            "args": vars(args), "environment": environment(torch.device("cpu")), **res}
