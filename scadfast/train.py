@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -165,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-g", type=float, default=S)
     g.add_argument("--lr-d", "--d-lr", dest="lr_d", type=float, default=S)
     g.add_argument("--n-critic", type=int, default=S, help="D steps per G step")
+    g.add_argument("--d-grad-clip", type=float, default=S, metavar="NORM",
+                   help="clip D's gradient to this total norm before each D step (0 = off, the default); bounds "
+                        "the step an MA-GP spike can take; the pre-clip norm is logged as d/grad_norm")
     g.add_argument("--cond-aug", action=argparse.BooleanOptionalAction, default=S, help="MS-CLIP-GAN: CA on/off")
     g.add_argument("--ca-mode", choices=["glu", "relu"], default=S)
     g.add_argument("--kl-weight", type=float, default=S)
@@ -292,7 +296,7 @@ def _validate(a) -> None:
     for name in ("lr_g", "lr_d"):
         if not getattr(a.cfg, name) > 0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be positive, got {getattr(a.cfg, name)}")
-    for name in ("mi_weight", "clip_weight", "gp_weight", "kl_weight", "label_smoothing"):
+    for name in ("mi_weight", "clip_weight", "gp_weight", "kl_weight", "label_smoothing", "d_grad_clip"):
         if not getattr(a.cfg, name) >= 0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 0, got {getattr(a.cfg, name)}")
     if a.eval_every < 0 or a.eval_n < 2 or a.eval_images < 2:
@@ -549,9 +553,12 @@ class Trainer:
                 f"this run uses {self.args.clip} at {self.image_size} px")
 
     def load_state_dict(self, state: dict, path: str) -> None:
-        if state.get("variant") != self.args.variant or state.get("cfg") != self.cfg.__dict__:
-            diff = {k: (state.get("cfg", {}).get(k), v) for k, v in self.cfg.__dict__.items()
-                    if state.get("cfg", {}).get(k) != v}
+        # A field added to VariantConfig after the checkpoint was written takes its default.
+        defaults = {k: f.default for k, f in variants.VariantConfig.__dataclass_fields__.items()
+                    if f.default is not dataclasses.MISSING}
+        saved = {**defaults, **state.get("cfg", {})}
+        if state.get("variant") != self.args.variant or saved != self.cfg.__dict__:
+            diff = {k: (saved.get(k), v) for k, v in self.cfg.__dict__.items() if saved.get(k) != v}
             raise ckpt_lib.CheckpointError(
                 f"checkpoint {path} is from variant {state.get('variant')!r} with a different "
                 f"configuration than this run (--variant {self.args.variant}); differing fields "
@@ -612,12 +619,19 @@ class Trainer:
         s_edit = gather_rows(self.text_emb, neg.clamp(min=0), self.device)
         return torch.where(use.to(self.device)[:, None], s_edit.to(s.dtype), torch.roll(s, 1, dims=0))
 
-    def _opt_step(self, loss, opt, params):
+    def _opt_step(self, loss, opt, params, clip: float = 0.0):
+        """One optimiser step on ``loss``; with ``clip`` > 0 the (all-reduced, unscaled) gradient is
+        clipped to that total norm first and its norm before clipping is returned (else None)."""
         opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         dist_lib.allreduce_grads(params, self.dist)
+        norm = None
+        if clip > 0:
+            self.scaler.unscale_(opt)
+            norm = torch.nn.utils.clip_grad_norm_(params, clip).detach()
         self.scaler.step(opt)
         self.scaler.update()
+        return norm
 
     def train_step(self, batches):
         """``n_critic`` D steps, then one G step on the last D step's fakes (generated once, with G's
@@ -632,7 +646,9 @@ class Trainer:
             with self._autocast():
                 fake = pair.make_fake(z, s, impl=impl) if i == cfg.n_critic - 1 else None
                 d_loss, d_stats = pair.d_loss(real, s, z, impl=impl, fake=fake, **extra)
-            self._opt_step(d_loss, self.opt_d, list(pair.D.parameters()))
+            d_norm = self._opt_step(d_loss, self.opt_d, list(pair.D.parameters()), cfg.d_grad_clip)
+            if d_norm is not None:
+                d_stats = {**d_stats, "grad_norm": d_norm}
             self.images_seen += real.shape[0] * self.dist.world_size
         with self._autocast():
             g_loss, g_stats = pair.g_loss(s, z, impl=impl, fake=fake)

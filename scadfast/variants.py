@@ -64,6 +64,7 @@ class VariantConfig:
     lr_g: float = 1e-4
     lr_d: float = 4e-4
     betas: tuple = (0.0, 0.9)
+    d_grad_clip: float = 0.0  # clip D's gradient to this total norm before its Adam step (0 = off)
 
     def replace(self, **changes) -> "VariantConfig":
         return dataclasses.replace(self, **changes)

@@ -345,3 +345,36 @@ def test_dry_run_runs_one_step_and_writes_nothing(cache, tmp_path, tiny_train, c
     err = capsys.readouterr().err
     assert "dry run: scad_mi on cpu | one step of 4 images" in err and "peak RSS" in err and "d_loss=" in err
     assert not out.exists()
+
+
+def test_d_grad_clip_bounds_the_d_step_and_old_checkpoints_still_resume(galip_run, tmp_path, tiny_train, capsys):
+    import shutil
+
+    trainer = train.Trainer(train.parse_args(["--variant", "scad", "--out", str(tmp_path / "c"),
+                                              "--d-grad-clip", "1e-3", *tiny_train()]))
+    assert trainer.cfg.d_grad_clip == 1e-3
+    params = list(trainer.pair.D.parameters())
+    loss = 1e3 * sum(p.float().square().sum() for p in params)
+    before = [p.detach().clone() for p in params]
+    norm = trainer._opt_step(loss, trainer.opt_d, params, clip=1e-3)
+    grads = [p.grad for p in params if p.grad is not None]
+    clipped = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    assert float(norm) > 1.0 and float(clipped) <= 1e-3 * (1 + 1e-5)  # the pre-clip norm is returned
+    assert any(not torch.equal(a, p) for a, p in zip(before, params))  # and D still stepped
+    assert trainer._opt_step(loss.detach().requires_grad_(), trainer.opt_g, [], clip=0.0) is None  # off: no norm
+    with pytest.raises(SystemExit, match="--d-grad-clip"):
+        train.parse_args(["--variant", "scad", "--d-grad-clip", "-1"])
+    # A checkpoint written before the field existed resumes (the field takes its default, off) ...
+    out = str(tmp_path / "old")
+    shutil.copytree(galip_run, out)
+    state = ckpt_lib.load(out)
+    del state["cfg"]["d_grad_clip"]
+    for p in [os.path.join(out, "ckpt.pt")] + ckpt_lib.list_numbered(out):
+        os.remove(p)
+    ckpt_lib.save(out, state, state["step"])
+    assert train.main(["--variant", "galip", "--steps", "3", "--out", out, "--resume", *tiny_train()]) == 0
+    # ... and resuming it with the field changed is refused, naming the field.
+    capsys.readouterr()
+    assert train.main(["--variant", "galip", "--steps", "4", "--out", out, "--resume", "--d-grad-clip", "5",
+                       *tiny_train()]) == 1
+    assert "'d_grad_clip': (0.0, 5.0)" in capsys.readouterr().err
