@@ -101,8 +101,8 @@ def pixel_weights(x: torch.Tensor, object_weight: float) -> torch.Tensor:
 class CaptionBatches:
     """Fully specified captions, their renders and their text embeddings (cached per caption)."""
 
-    def __init__(self, clip: FrozenCLIP, image_size: int, canonical: bool = False):
-        self.clip, self.image_size, self.canonical = clip, image_size, canonical
+    def __init__(self, clip: FrozenCLIP, image_size: int):
+        self.clip, self.image_size = clip, image_size
         self._emb: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
@@ -121,13 +121,12 @@ class CaptionBatches:
         combos = itertools.product(*(shp.ATTRIBUTES[a] for a in NAMES))
         self.embed([shp.format_caption(dict(zip(NAMES, c)), NAMES) for c in combos])
 
-    def draw(self, rng: np.random.Generator, n: int, canonical: bool | None = None):
+    def draw(self, rng: np.random.Generator, n: int, canonical: bool = False):
         """(s (n, d), images (n, 3, H, W) in [-1, 1], labels (n, 5) value indices). With
-        ``canonical`` (default: the instance's) the images are the renderer's canonical ones: no
-        nuisance jitter, so every caption has exactly one target."""
+        ``canonical`` the images are the renderer's canonical ones: no nuisance jitter, so every
+        caption has exactly one target."""
         attrs, labels = draw_attrs(rng, n)
         caps = [shp.format_caption(a, NAMES) for a in attrs]
-        canonical = self.canonical if canonical is None else canonical
         x = to_unit(np.stack([shp.render(a, self.image_size, None if canonical else rng) for a in attrs]))
         return self.embed(caps), x, labels
 
@@ -210,10 +209,10 @@ def run(steps: int = 1500, lr: float = 1e-3, object_weight: float = 30.0, ngf: i
     else:
         G = Decoder(cfg.z_dim + clip.embed_dim, grid=clip.image_size // 8)
     clf = sc.load(sc.shipped_path())
-    data = CaptionBatches(clip, clip.image_size, canonical)
+    data = CaptionBatches(clip, clip.image_size)
     if prefill:
         data.embed_all()
-    s_eval, x_eval, y_eval = data.draw(np.random.default_rng(EVAL_SEED), n_eval, canonical=False)
+    s_eval, x_eval, y_eval = data.draw(np.random.default_rng(EVAL_SEED), n_eval)  # always jittered
     z_eval = torch.randn(n_eval, cfg.z_dim, generator=torch.Generator().manual_seed(EVAL_SEED))
     opt = torch.optim.Adam(G.parameters(), lr=lr, betas=tuple(betas or cfg.betas))
     rng = np.random.default_rng(seed)
@@ -227,7 +226,7 @@ def run(steps: int = 1500, lr: float = 1e-3, object_weight: float = 30.0, ngf: i
         if step == steps:
             break
         t = time.perf_counter()
-        s, x, _ = data.draw(rng, batch_size)
+        s, x, _ = data.draw(rng, batch_size, canonical)
         loss = ((G(torch.randn(batch_size, cfg.z_dim), s) - x).abs() * pixel_weights(x, object_weight)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
