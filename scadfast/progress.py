@@ -20,7 +20,7 @@ class Progress:
     (when present); TensorBoard gets every scalar.
     """
 
-    console_keys = ("d_loss", "g_loss", "d/d_gp", "d/grad_norm", "d/d_mi", "g/g_clip_cos", "g/g_kl")
+    console_keys = ("d_loss", "g_loss", "d/d_gp", "d/grad_norm", "d/clipped_steps", "d/d_mi", "g/g_clip_cos", "g/g_kl")
     # Snapshot metrics the progress line repeats (alignment and FID, else the first there is), TensorBoard's eval/*.
     headline_metrics = (("alignment", "align"), ("fid", "fid"), ("kid", "kid"), ("clip_score", "clip"))
     eval_scalars = ("alignment", "coverage", "mppd", "clip_score", "fid", "kid")

@@ -168,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n-critic", type=int, default=S, help="D steps per G step")
     g.add_argument("--d-grad-clip", type=float, default=S, metavar="NORM",
                    help="clip D's gradient to this total norm before each D step (0 = off, the default); bounds "
-                        "the step an MA-GP spike can take; the pre-clip norm is logged as d/grad_norm")
+                        "the step an MA-GP spike can take; the pre-clip norm is logged as d/grad_norm, the clipped D steps since the last log line as "
+                        "d/clipped_steps")
     g.add_argument("--cond-aug", action=argparse.BooleanOptionalAction, default=S, help="MS-CLIP-GAN: CA on/off")
     g.add_argument("--ca-mode", choices=["glu", "relu"], default=S)
     g.add_argument("--kl-weight", type=float, default=S)
@@ -429,6 +430,7 @@ class Trainer:
         if self.compile:
             self._compile()
         self.step, self.images_seen = 0, 0
+        self._d_clipped = torch.zeros((), device=self.device)  # clipped D steps since the last log line
         # Fixed prompts × fixed noise for the sample grids (independent of the training RNG).
         gen = torch.Generator().manual_seed(args.seed + 12345)
         prompts = list(dict.fromkeys(self.loader.captions))[: args.sample_prompts]
@@ -649,6 +651,7 @@ class Trainer:
             d_norm = self._opt_step(d_loss, self.opt_d, list(pair.D.parameters()), cfg.d_grad_clip)
             if d_norm is not None:
                 d_stats = {**d_stats, "grad_norm": d_norm}
+                self._d_clipped += d_norm > cfg.d_grad_clip  # on device: no host sync
             self.images_seen += real.shape[0] * self.dist.world_size
         with self._autocast():
             g_loss, g_stats = pair.g_loss(s, z, impl=impl, fake=fake)
@@ -851,6 +854,9 @@ class Trainer:
         log_now = self.step % a.log_every == 0 or self.step == a.steps
         ckpt_now = self.step % a.ckpt_every == 0 or self.step == a.steps or self._stop_requested
         vals = None
+        if log_now and self.cfg.d_grad_clip > 0:  # how many D steps the clip bound since the last line
+            stats = {**stats, "d/clipped_steps": self._d_clipped.clone()}
+            self._d_clipped.zero_()
         if log_now or ckpt_now:  # host sync only here
             stats = dist_lib.all_mean(stats, self.dist)
             vals = {k: float(v) for k, v in stats.items()}

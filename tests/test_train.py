@@ -364,6 +364,12 @@ def test_d_grad_clip_bounds_the_d_step_and_old_checkpoints_still_resume(galip_ru
     assert trainer._opt_step(loss.detach().requires_grad_(), trainer.opt_g, [], clip=0.0) is None  # off: no norm
     with pytest.raises(SystemExit, match="--d-grad-clip"):
         train.parse_args(["--variant", "scad", "--d-grad-clip", "-1"])
+    # The log line counts the D steps the clip bound since the previous line (here every one, 2 per line).
+    capsys.readouterr()
+    assert train.main(["--variant", "scad", "--steps", "4", "--out", str(tmp_path / "n"), "--d-grad-clip", "1e-6",
+                       *tiny_train(log_every=2)]) == 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("step ")]
+    assert len(lines) == 2 and all("clipped_steps=2 " in ln for ln in lines), lines
     # A checkpoint written before the field existed resumes (the field takes its default, off) ...
     out = str(tmp_path / "old")
     shutil.copytree(galip_run, out)
