@@ -8,8 +8,8 @@
 ``run`` trains each (variant, seed) with ``python -m scadfast.train`` (learning-curve snapshots on,
 as in the embedded default) into ``runs/learning/<variant>-s<seed>`` and keeps what the table needs
 under ``docs/results/learning/``: ``<variant>-s<seed>.jsonl`` (every snapshot), ``.summary.json``
-(wall time, images/s, the command) and ``docs/samples/learning/<variant>-s<seed>.png`` (the final
-sample grid). Runs one training at a time.
+(wall time, images/s, the command), ``.log`` (the run's console: its progress lines) and
+``docs/samples/learning/<variant>-s<seed>.png`` (the final sample grid). Runs one training at a time.
 
 ``report`` reads every kept run and writes ``docs/learning-curves.png`` (each variant's mean curve over
 seeds with its min–max band) and the markdown table of the final snapshots (mean ± std over seeds),
@@ -79,10 +79,10 @@ def run(a, extra) -> int:
                 cmd += ["--steps", str(a.steps)]
             print("+", " ".join(cmd), flush=True)
             t0 = time.time()
-            r = subprocess.run(cmd)
-            if r.returncode != 0:
-                print(f"error: {name} failed (exit {r.returncode})", file=sys.stderr)
-                return r.returncode
+            rc = _run_logged(cmd, os.path.join(out, "console.log"))
+            if rc != 0:
+                print(f"error: {name} failed (exit {rc}); its console: {os.path.join(out, 'console.log')}", file=sys.stderr)
+                return rc
             summary = json.load(open(os.path.join(out, "summary.json")))
             summary.update(command=" ".join(["python", "-m", "scadfast.train", *cmd[3:]]),
                            wall_with_setup_s=round(time.time() - t0, 1), date=time.strftime("%Y-%m-%d"),
@@ -90,7 +90,20 @@ def run(a, extra) -> int:
             shutil.copy(os.path.join(out, "curves.jsonl"), os.path.join(keep, name + ".jsonl"))
             json.dump(summary, open(os.path.join(keep, name + ".summary.json"), "w"), indent=1)
             shutil.copy(os.path.join(out, "samples", "latest.png"), os.path.join(samples, name + ".png"))
+            shutil.copy(os.path.join(out, "console.log"), os.path.join(keep, name + ".log"))
     return 0
+
+
+def _run_logged(cmd, log_path) -> int:
+    """Run ``cmd``, its console (stdout and stderr) shown live and written to ``log_path``: the
+    progress lines hold what the snapshots do not (losses, D's gradient norm, clipped steps)."""
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    with open(log_path, "w") as log:
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        for line in p.stdout:
+            sys.stderr.write(line)
+            log.write(line)
+        return p.wait()
 
 
 REAL = "real-renders.json"

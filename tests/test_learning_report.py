@@ -116,3 +116,19 @@ def test_compare_puts_single_runs_of_several_sets_in_one_table(learning, tmp_pat
     text = readme.read_text()
     assert "| `ablation-x/scad_mi-s0` | 100 | 0.50 / 0.50 | 0.75 / 0.25 | 0.62 / 0.38 | 0.88 / 0.12 | 1.00 / 0.00 |" in text
     assert "| `base` | 100 | " not in text and "8 fresh real renders" in text
+
+
+def test_run_keeps_snapshots_summary_grid_and_console(learning, tmp_path, monkeypatch, tiny_train):
+    """``run`` trains a (tiny) run and keeps what the table reads plus the run's console log."""
+    monkeypatch.setattr(learning, "SAMPLES", str(tmp_path / "docs" / "samples" / "learning"))
+    flags = [*tiny_train(eval_every=2), "--eval-prompts", "2", "--eval-n", "2", "--d-grad-clip", "1e-6"]
+    assert learning.main(["run", "--variants", "scad", "--seeds", "0", "--steps", "2",
+                          "--runs", str(tmp_path / "runs"), "--machine", "test box", "--", *flags]) == 0
+    keep = learning.KEEP
+    recs = [json.loads(line) for line in open(os.path.join(keep, "scad-s0.jsonl"))]
+    assert [r["step"] for r in recs] == [0, 2] and "alignment" in recs[-1]
+    summary = json.load(open(os.path.join(keep, "scad-s0.summary.json")))
+    assert summary["machine"] == "test box" and "--d-grad-clip 1e-6" in summary["command"]
+    log = open(os.path.join(keep, "scad-s0.log")).read()
+    assert "step 2/2" in log and "clipped_steps=1" in log  # the progress lines, as the console showed them
+    assert os.path.getsize(tmp_path / "docs" / "samples" / "learning" / "scad-s0.png") > 100
