@@ -29,7 +29,8 @@ and the README block between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->``; 
 ``compare`` puts single kept runs of several sets in one table (a row per run, labelled) and one
 curves plot, e.g. an ablation whose runs differ in training flags; README block ``<!-- NAME:begin -->``.
 A run kept with ``<variant>-s<seed>.d-attributes.json`` (``bench/d_attributes.py`` on its last
-checkpoint) adds a row to a second table: which attributes its discriminator checks.
+checkpoint) adds a row to a second table: which attributes its discriminator checks; one whose kept
+``.log`` has ``clipped_steps`` (a ``--d-grad-clip`` run) adds how many D steps the clip bound.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -254,11 +256,20 @@ def d_checks_table(d_checks: dict) -> str:
             "chance 0.5.\n\n" + "\n".join(lines))
 
 
+def _clipped_steps(log_path) -> int | None:
+    """How many D steps a run's ``--d-grad-clip`` clipped: the sum of its progress lines'
+    ``clipped_steps=N`` (each counts the steps since the line before); None without a log or a clip."""
+    if not os.path.isfile(log_path):
+        return None
+    counts = [int(m) for m in re.findall(r"\bclipped_steps=(\d+)", open(log_path).read())]
+    return sum(counts) if counts else None
+
+
 def compare(a) -> int:
     """One table (and one curves PNG) of single kept runs from any sets: ``LABEL=SET/VARIANT-sSEED``."""
     from scadfast.metrics.curves import plot_curves
 
-    rows, machines, d_checks = {}, set(), {}
+    rows, machines, d_checks, clipped = {}, set(), {}, {}
     for spec in a.runs:
         label, _, ref = spec.rpartition("=")
         set_name, _, name = ref.partition("/")
@@ -269,6 +280,9 @@ def compare(a) -> int:
             return 2
         rows[label or ref] = [_read_run(keep, name)]
         machines.add(rows[label or ref][0][2].get("machine", "?"))
+        n_clipped = _clipped_steps(os.path.join(keep, name + ".log"))
+        if n_clipped is not None:
+            clipped[label or ref] = n_clipped
         d_path = os.path.join(keep, name + D_CHECKS)
         if os.path.isfile(d_path):
             d_checks[label or ref] = json.load(open(d_path))["results"][-1]
@@ -276,6 +290,9 @@ def compare(a) -> int:
     plot_curves({k: recs for k, [(_, recs, _)] in rows.items()}, png, title=f"{a.name}, held-out shapes prompts")
     md = table(rows, first="run") + (f"\n\nMachine: {'; '.join(sorted(machines))}. Commands: each run's `.summary.json`; "
                         f"curves: `{os.path.relpath(png, ROOT)}`.")
+    if clipped:
+        md += ("\n\nD steps the `--d-grad-clip` bound clipped (the sum of `clipped_steps` in each run's kept log): "
+               + ", ".join(f"`{k}` {n}" for k, n in clipped.items()) + ".")
     if d_checks:
         md += "\n\n" + d_checks_table(d_checks)
     print(md)

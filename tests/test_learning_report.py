@@ -103,6 +103,12 @@ def test_compare_puts_single_runs_of_several_sets_in_one_table(learning, tmp_pat
     assert "box learning" in text and "box ablation-x" in text
     assert os.path.getsize(tmp_path / "docs" / "abl-curves.png") > 1000
     assert "discriminator checks" not in text  # no run has a d-attributes file
+    assert "clipped" not in text  # no run kept a log with clipped steps
+    with open(os.path.join(learning._set_paths("ablation-x")[0], "scad_mi-s0.log"), "w") as f:
+        f.write("step 25/50 | d_loss=1 clipped_steps=3 g_loss=2\nstep 50/50 | clipped_steps=4 \n")
+    assert learning.main(["compare", "--name", "abl", "--readme", str(readme),
+                          "base=learning/scad_mi-s0", "ablation-x/scad_mi-s0"]) == 0
+    assert "clipped_steps` in each run's kept log): `ablation-x/scad_mi-s0` 7." in readme.read_text()
     assert learning.main(["compare", "--name", "abl", "learning/scad_mi-s9"]) == 2  # not kept: one line, no table
 
     # A run kept with bench/d_attributes.py's JSON adds a row to the D-checks table; the others do not.
