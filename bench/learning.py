@@ -83,7 +83,7 @@ def run(a, extra) -> int:
             t0 = time.time()
             rc = _run_logged(cmd, os.path.join(out, "console.log"))
             if rc != 0:
-                print(f"error: {name} failed (exit {rc}); its console: {os.path.join(out, 'console.log')}", file=sys.stderr)
+                print(f"error: {name} failed (exit {rc}); its console: {out}/console.log", file=sys.stderr)
                 return rc
             summary = json.load(open(os.path.join(out, "summary.json")))
             summary.update(command=" ".join(["python", "-m", "scadfast.train", *cmd[3:]]),

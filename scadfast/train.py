@@ -168,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n-critic", type=int, default=S, help="D steps per G step")
     g.add_argument("--d-grad-clip", type=float, default=S, metavar="NORM",
                    help="clip D's gradient to this total norm before each D step (0 = off, the default); bounds "
-                        "the step an MA-GP spike can take; the pre-clip norm is logged as d/grad_norm, the clipped D steps since the last log line as "
-                        "d/clipped_steps")
+                        "the step an MA-GP spike can take; the pre-clip norm is logged as d/grad_norm, the "
+                        "number of D steps clipped since the last log line as d/clipped_steps")
     g.add_argument("--cond-aug", action=argparse.BooleanOptionalAction, default=S, help="MS-CLIP-GAN: CA on/off")
     g.add_argument("--ca-mode", choices=["glu", "relu"], default=S)
     g.add_argument("--kl-weight", type=float, default=S)
