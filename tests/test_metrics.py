@@ -202,3 +202,18 @@ def test_dinov2_loads_from_local_hub_dir(tmp_path):
     assert f.shape == (2, 6) and not ext.is_fallback and "DINOv2" in ext.description
     with pytest.raises(FileNotFoundError, match="--dinov2"):
         DINOv2Features(str(tmp_path / "missing"))
+
+
+def test_plot_curves_puts_a_long_legend_beside_the_panels(tmp_path):
+    """Up to 6 runs keep the legend on the first panel; more put it beside the panels (a wider PNG)."""
+    import struct
+
+    from scadfast.metrics.curves import plot_curves
+
+    def width(n):
+        recs = {f"run {i}": [{"step": s, "alignment": 0.1 * i, "coverage": 0.2} for s in (0, 10)] for i in range(n)}
+        path = plot_curves(recs, str(tmp_path / f"c{n}.png"))
+        with open(path, "rb") as f:
+            return struct.unpack(">I", f.read(24)[16:20])[0]  # the PNG header's width
+
+    assert width(12) > width(2) + 50

@@ -265,7 +265,9 @@ def plot_curves(runs: Mapping[str, Sequence[Mapping]], path: str, title: str = "
 
     One panel per metric the records hold (a COCO-style run's records have ``fid`` but no ``alignment``).
     Several records per step (seeds) are drawn as their mean with a min–max band. The coverage panel
-    shows the ideal coverage at this N as a dashed line.
+    shows the ideal coverage at this N as a dashed line. More than 10 runs take the 20 colours of
+    ``tab20`` in order (a dark and a light shade of one hue for runs 1–2, 3–4, …: list an ablation's
+    pairs next to each other), and more than 6 put the legend beside the panels rather than on one.
     """
     import matplotlib
 
@@ -276,7 +278,8 @@ def plot_curves(runs: Mapping[str, Sequence[Mapping]], path: str, title: str = "
     panels = panels or list(_PANELS[:1])
     fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.4), squeeze=False)
     axes = list(axes[0])
-    for label, recs in runs.items():
+    colors = plt.get_cmap("tab20").colors if len(runs) > 10 else [None] * len(runs)
+    for i, (label, recs) in enumerate(runs.items()):
         for ax, (key, name) in zip(axes, panels):
             by_step: Dict[int, List[float]] = {}
             for r in recs:
@@ -287,7 +290,7 @@ def plot_curves(runs: Mapping[str, Sequence[Mapping]], path: str, title: str = "
                 continue
             steps = sorted(by_step)
             mean = [sum(by_step[s]) / len(by_step[s]) for s in steps]
-            line, = ax.plot(steps, mean, marker="o", ms=2.5, label=label)
+            line, = ax.plot(steps, mean, marker="o", ms=2.5, label=label, color=colors[i % len(colors)])
             if any(len(by_step[s]) > 1 for s in steps):
                 ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps],
                                 color=line.get_color(), alpha=0.2)
@@ -301,11 +304,14 @@ def plot_curves(runs: Mapping[str, Sequence[Mapping]], path: str, title: str = "
     if ideal and "coverage" in dict(panels):
         axes[[k for k, _ in panels].index("coverage")].axhline(sum(ideal) / len(ideal), ls="--", color="gray", lw=1,
                                                                 label="ceiling at this N")
-    axes[0].legend(fontsize=8)
+    if len(runs) > 6:
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    else:
+        axes[0].legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight" if len(runs) > 6 else None)  # keep the outside legend
     plt.close(fig)
     return path
