@@ -206,14 +206,13 @@ def test_dinov2_loads_from_local_hub_dir(tmp_path):
 
 def test_plot_curves_puts_a_long_legend_beside_the_panels(tmp_path):
     """Up to 6 runs keep the legend on the first panel; more put it beside the panels (a wider PNG)."""
-    import struct
+    from PIL import Image
 
     from scadfast.metrics.curves import plot_curves
 
     def width(n):
         recs = {f"run {i}": [{"step": s, "alignment": 0.1 * i, "coverage": 0.2} for s in (0, 10)] for i in range(n)}
-        path = plot_curves(recs, str(tmp_path / f"c{n}.png"))
-        with open(path, "rb") as f:
-            return struct.unpack(">I", f.read(24)[16:20])[0]  # the PNG header's width
+        with Image.open(plot_curves(recs, str(tmp_path / f"c{n}.png"))) as im:
+            return im.size[0]
 
     assert width(12) > width(2) + 50

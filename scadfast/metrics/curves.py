@@ -279,6 +279,7 @@ def plot_curves(runs: Mapping[str, Sequence[Mapping]], path: str, title: str = "
     fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.4), squeeze=False)
     axes = list(axes[0])
     colors = plt.get_cmap("tab20").colors if len(runs) > 10 else [None] * len(runs)
+    legend_beside = len(runs) > 6
     for i, (label, recs) in enumerate(runs.items()):
         for ax, (key, name) in zip(axes, panels):
             by_step: Dict[int, List[float]] = {}
@@ -304,7 +305,7 @@ def plot_curves(runs: Mapping[str, Sequence[Mapping]], path: str, title: str = "
     if ideal and "coverage" in dict(panels):
         axes[[k for k, _ in panels].index("coverage")].axhline(sum(ideal) / len(ideal), ls="--", color="gray", lw=1,
                                                                 label="ceiling at this N")
-    if len(runs) > 6:
+    if legend_beside:
         fig.legend(*axes[0].get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     else:
         axes[0].legend(fontsize=8)
@@ -312,6 +313,6 @@ def plot_curves(runs: Mapping[str, Sequence[Mapping]], path: str, title: str = "
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight" if len(runs) > 6 else None)  # keep the outside legend
+    fig.savefig(path, dpi=100, bbox_inches="tight" if legend_beside else None)  # keep the legend in the PNG
     plt.close(fig)
     return path
