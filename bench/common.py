@@ -57,14 +57,23 @@ def triton_interpret_on() -> bool:
 
 
 def cpu_name() -> str:
+    """The CPU's model name with its family and model numbers, which tell apart generations that a
+    virtual machine's bare "AMD EPYC" or "Intel(R) Xeon(R) Processor" does not."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "cpu family", "model") and key.strip() not in fields:
+                    fields[key.strip()] = value.strip()
+                if not line.strip() and fields:
+                    break  # the first processor's block is enough
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    if "model name" not in fields:
+        return platform.processor() or platform.machine()
+    ids = ", ".join(f"{k} {fields[k]}" for k in ("cpu family", "model") if k in fields)
+    return fields["model name"] + (f" ({ids})" if ids else "")
 
 
 def environment(device: torch.device) -> dict:
