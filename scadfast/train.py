@@ -59,6 +59,11 @@ EMBEDDED = dict(eval_every=100, ema_kimg=2.0, steps=1000)
 # penalty k·mean(‖∇‖⁶) spikes to thousands and stalls D; k = 0.5 learned colour and place sooner
 # (README, "What the default run shows").
 EMBEDDED_GP_WEIGHT = 0.5
+# The embedded default's bound on D's gradient norm for the SAN-loss variants (scad, scad_mi, scad_dd;
+# off elsewhere): unbounded, the MA-GP penalty ran away and ruined 2 of 12 such runs; bounded at 200,
+# which clips only the first ~125 D steps of a healthy run, every clipped run trained (README, "Clipping D's
+# gradient, seed by seed"; docs/design.md §5.5).
+EMBEDDED_D_GRAD_CLIP = 200.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-d", "--d-lr", dest="lr_d", type=float, default=S)
     g.add_argument("--n-critic", type=int, default=S, help="D steps per G step")
     g.add_argument("--d-grad-clip", type=float, default=S, metavar="NORM",
-                   help="clip D's gradient to this total norm before each D step (0 = off, the default); bounds "
+                   help="clip D's gradient to this total norm before each D step (0 = off; default off, "
+                        f"{EMBEDDED_D_GRAD_CLIP:g} for the SAN-loss variants on the embedded default); bounds "
                         "the step an MA-GP spike can take; the pre-clip norm is logged as d/grad_norm, the "
                         "number of D steps clipped since the last log line as d/clipped_steps")
     g.add_argument("--cond-aug", action=argparse.BooleanOptionalAction, default=S, help="MS-CLIP-GAN: CA on/off")
@@ -179,6 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _CFG_FIELDS = {f for f in variants.VariantConfig.__dataclass_fields__} - {"name", "arch", "betas"}
+
+
+def _flag(field: str, value) -> str:
+    """The command-line flag that sets a VariantConfig ``field`` to ``value``."""
+    name = field.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no-{name}"
+    return f"--{name} {value}"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -212,6 +226,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         switches.setdefault("ndf", 32)
         if cfg.arch == "galip":
             switches.setdefault("gp_weight", EMBEDDED_GP_WEIGHT)
+            if switches.get("d_loss", cfg.d_loss) == "san":
+                switches.setdefault("d_grad_clip", EMBEDDED_D_GRAD_CLIP)
         for k, v in EMBEDDED.items():
             if k not in given and k not in from_file and (k != "eval_every" or merged["data"].startswith("shapes")):
                 merged[k] = v
@@ -561,10 +577,12 @@ class Trainer:
         saved = {**defaults, **state.get("cfg", {})}
         if state.get("variant") != self.args.variant or saved != self.cfg.__dict__:
             diff = {k: (saved.get(k), v) for k, v in self.cfg.__dict__.items() if saved.get(k) != v}
+            known = {o for action in build_parser()._actions for o in action.option_strings}
+            flags = " ".join(f for k, (old, _) in diff.items() if (f := _flag(k, old)).split()[0] in known)
             raise ckpt_lib.CheckpointError(
                 f"checkpoint {path} is from variant {state.get('variant')!r} with a different "
                 f"configuration than this run (--variant {self.args.variant}); differing fields "
-                f"(checkpoint, now): {diff}")
+                f"(checkpoint, now): {diff}" + (f"; resume it with {flags}" if flags else ""))
         self._check_same_clip(state, f"checkpoint {path}")
         self.pair.G.load_state_dict(state["G"])
         self.pair.D.load_state_dict(state["D"])

@@ -383,4 +383,16 @@ def test_d_grad_clip_bounds_the_d_step_and_old_checkpoints_still_resume(galip_ru
     capsys.readouterr()
     assert train.main(["--variant", "galip", "--steps", "4", "--out", out, "--resume", "--d-grad-clip", "5",
                        *tiny_train()]) == 1
-    assert "'d_grad_clip': (0.0, 5.0)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "'d_grad_clip': (0.0, 5.0)" in err and "resume it with --d-grad-clip 0.0" in err
+
+
+def test_embedded_default_clips_d_for_the_san_variants_only():
+    def clip(*argv):
+        return train.parse_args(["--variant", *argv]).cfg.d_grad_clip
+
+    assert [clip(v) for v in ("scad", "scad_mi", "scad_dd")] == [train.EMBEDDED_D_GRAD_CLIP] * 3 == [200.0] * 3
+    assert clip("galip") == clip("ms_clip_gan") == 0.0  # galip's hinge D never reached the bound
+    assert clip("galip", "--d-loss", "san") == 200.0 and clip("scad", "--d-loss", "hinge") == 0.0
+    assert clip("scad_mi", "--d-grad-clip", "0") == 0.0 and clip("scad_mi", "--d-grad-clip", "50") == 50.0
+    assert clip("scad_mi", "--clip", "ViT-B-32") == 0.0  # the paper's presets keep GALIP's unclipped D
