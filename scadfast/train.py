@@ -187,12 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
 _CFG_FIELDS = {f for f in variants.VariantConfig.__dataclass_fields__} - {"name", "arch", "betas"}
 
 
-def _flag(field: str, value) -> str:
-    """The command-line flag that sets a VariantConfig ``field`` to ``value``."""
-    name = field.replace("_", "-")
-    if isinstance(value, bool):
-        return f"--{name}" if value else f"--no-{name}"
-    return f"--{name} {value}"
+def _flags_for(values: dict) -> str:
+    """The command-line flags that set the VariantConfig fields of ``values`` (fields without a flag
+    are left out), e.g. ``{"d_grad_clip": 0.0}`` -> ``"--d-grad-clip 0.0"``."""
+    actions = {a.dest: a for a in build_parser()._actions}
+    flags = []
+    for field, value in values.items():
+        if field in actions:
+            names = actions[field].option_strings  # a --x/--no-x switch lists both names
+            flags.append((names[0] if value else names[-1]) if isinstance(value, bool) else f"{names[0]} {value}")
+    return " ".join(flags)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -577,8 +581,7 @@ class Trainer:
         saved = {**defaults, **state.get("cfg", {})}
         if state.get("variant") != self.args.variant or saved != self.cfg.__dict__:
             diff = {k: (saved.get(k), v) for k, v in self.cfg.__dict__.items() if saved.get(k) != v}
-            known = {o for action in build_parser()._actions for o in action.option_strings}
-            flags = " ".join(f for k, (old, _) in diff.items() if (f := _flag(k, old)).split()[0] in known)
+            flags = _flags_for({k: old for k, (old, _) in diff.items()})
             raise ckpt_lib.CheckpointError(
                 f"checkpoint {path} is from variant {state.get('variant')!r} with a different "
                 f"configuration than this run (--variant {self.args.variant}); differing fields "

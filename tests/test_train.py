@@ -385,6 +385,7 @@ def test_d_grad_clip_bounds_the_d_step_and_old_checkpoints_still_resume(galip_ru
                        *tiny_train()]) == 1
     err = capsys.readouterr().err
     assert "'d_grad_clip': (0.0, 5.0)" in err and "resume it with --d-grad-clip 0.0" in err
+    assert train._flags_for({"cond_aug": False, "lr_d": 1e-4, "gp_power": 6.0}) == "--no-cond-aug --lr-d 0.0001"
 
 
 def test_embedded_default_clips_d_for_the_san_variants_only():
