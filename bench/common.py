@@ -64,8 +64,9 @@ def cpu_name() -> str:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key.strip() in ("model name", "cpu family", "model") and key.strip() not in fields:
-                    fields[key.strip()] = value.strip()
+                key = key.strip()
+                if key in ("model name", "cpu family", "model") and key not in fields:
+                    fields[key] = value.strip()
                 if not line.strip() and fields:
                     break  # the first processor's block is enough
     except OSError:

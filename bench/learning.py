@@ -8,8 +8,9 @@
 ``run`` trains each (variant, seed) with ``python -m scadfast.train`` (learning-curve snapshots on,
 as in the embedded default) into ``runs/learning/<variant>-s<seed>`` and keeps what the table needs
 under ``docs/results/learning/``: ``<variant>-s<seed>.jsonl`` (every snapshot), ``.summary.json``
-(wall time, images/s, the command, the CPU and its threads), ``.log`` (the run's console: its progress lines) and
-``docs/samples/learning/<variant>-s<seed>.png`` (the final sample grid). Runs one training at a time.
+(wall time, images/s, the command, the CPU and its threads), ``.log`` (the run's console: its progress
+lines) and ``docs/samples/learning/<variant>-s<seed>.png`` (the final sample grid). Runs one training at
+a time.
 
 ``report`` reads every kept run and writes ``docs/learning-curves.png`` (each variant's mean curve over
 seeds with its min–max band) and the markdown table of the final snapshots (mean ± std over seeds),

@@ -60,9 +60,9 @@ EMBEDDED = dict(eval_every=100, ema_kimg=2.0, steps=1000)
 # (README, "What the default run shows").
 EMBEDDED_GP_WEIGHT = 0.5
 # The embedded default's bound on D's gradient norm for the SAN-loss variants (scad, scad_mi, scad_dd;
-# off elsewhere): unbounded, the MA-GP penalty ran away and ruined 2 of 12 such runs; bounded at 200,
-# which clips only the first ~125 D steps of a healthy run, every clipped run trained (README, "Clipping D's
-# gradient, seed by seed"; docs/design.md §5.5).
+# off elsewhere): unbounded, the MA-GP penalty ran away and ruined 2 of 12 such runs; bounded at 200
+# (reached only within the first ~125 D steps of a healthy run), all 12 seeds trained (README,
+# "Clipping D's gradient, seed by seed"; docs/design.md §5.5).
 EMBEDDED_D_GRAD_CLIP = 200.0
 
 
