@@ -1000,7 +1000,8 @@ class Trainer:
         summary = {
             "variant": self.args.variant, "steps": self.step, "images_seen": self.images_seen,
             "wall_s": round(wall, 2), "images_per_s": round((self.images_seen - start_images) / max(wall, 1e-9), 2),
-            "device": str(self.device), "world_size": self.dist.world_size, "run_dir": self.out,
+            "device": str(self.device), "world_size": self.dist.world_size, "threads": torch.get_num_threads(),
+            "run_dir": self.out,
             "checkpoint": self._existing(ckpt_lib.LATEST), "samples": self._existing("samples", "latest.png"),
             **{k: round(v, 4) for k, v in last.items()},
         }

@@ -135,7 +135,7 @@ def test_run_keeps_snapshots_summary_grid_and_console(learning, tmp_path, monkey
     assert [r["step"] for r in recs] == [0, 2] and "alignment" in recs[-1]
     summary = json.load(open(os.path.join(keep, "scad-s0.summary.json")))
     assert summary["machine"] == "test box" and "--d-grad-clip 1e-6" in summary["command"]
-    assert summary["cpu"] == learning.cpu_name() and "threads" in summary  # recorded, not only described
+    assert summary["cpu"] == learning.cpu_name() and summary["threads"] >= 1  # recorded, not only described
     log = open(os.path.join(keep, "scad-s0.log")).read()
     assert "step 2/2" in log and "clipped_steps=1" in log  # the progress lines, as the console showed them
     assert os.path.getsize(tmp_path / "docs" / "samples" / "learning" / "scad-s0.png") > 100

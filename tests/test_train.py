@@ -35,6 +35,7 @@ def test_every_variant_trains_and_leaves_artifacts(variant, cache, tmp_path, tin
     assert rc == 0
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["steps"] == 2 and summary["variant"] == variant
+    assert summary["threads"] == torch.get_num_threads()  # a CPU run's trajectory depends on it
     losses = {k: summary.get(k) for k in ("d_loss", "g_loss")}  # a missing key is a failure, not a pass
     assert all(isinstance(v, float) and math.isfinite(v) for v in losses.values()), losses
     assert os.path.getsize(os.path.join(out, "samples", "latest.png")) > 100
