@@ -44,7 +44,7 @@ DEFAULTS = dict(
     resume=False, init_from=None, dry_run=False, log_every=25, sample_every=200, ckpt_every=200, keep_ckpts=3, device=None,
     cache_dir=None, sample_prompts=8, sample_noise=8, check_images=False, eval_every=0, eval_prompts=16,
     eval_n=16, eval_metrics=None, eval_ref=None, eval_ref_stats=None, eval_images=2000, inception_weights=None,
-    ema_kimg=0.0, ema_rampup=0.05, channels_last=True, text_emb_dtype="fp32",
+    ema_kimg=0.0, ema_rampup=0.05, channels_last=True, text_emb_dtype="fp32", loader="dali",
 )
 
 
@@ -146,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="storage of the cached caption embeddings (kept on the host, memory-mapped; each batch's "
                         "rows are copied to the device as fp32); fp16 halves the file, e.g. for CC12M (default fp32)")
     g.add_argument("--batch-size", type=int, default=S, help="images per process per step (default 16)")
+    g.add_argument("--loader", choices=["dali", "memory"], default=S,
+                   help="dali: decode every batch with NVIDIA DALI (on the GPU when training on one; the default); "
+                        "memory: decode every image once with Pillow and keep the set on the device (small data "
+                        "sets such as the embedded shapes one; needs no DALI). Same batch order either way")
     g.add_argument("--check-images", action="store_true", default=S,
                    help="fully decode every image when indexing and skip undecodable ones (slow the first "
                         "time; verified files are cached). Without it a cheap header check runs, and an image "
@@ -481,7 +485,7 @@ class Trainer:
                 spec, image_size=self.image_size, batch_size=a.batch_size,
                 device_id=(self.device.index or 0) if self.device.type == "cuda" else None,
                 rank=self.dist.rank, world_size=self.dist.world_size, seed=a.seed,
-                check_images="decode" if a.check_images else "header",
+                check_images="decode" if a.check_images else "header", backend=a.loader,
                 index={"cache_dir": os.path.join(self._cache_dir(), "wds-index"), "sync": self._all_true,
                        "verbose": self.is_main},
             )

@@ -135,6 +135,19 @@ def test_eval_every_writes_learning_curve_and_does_not_change_training(cache, tm
     _assert_bitwise_equal(_params(a), _params(b), "state")
 
 
+def test_memory_loader_trains_the_dali_run_and_resumes_across_loaders(cache, tmp_path, tiny_train):
+    """``--loader memory`` hands out DALI's batches bit for bit on the shapes set (same order, same
+    pixels, same normalisation arithmetic), so the run is the DALI run; and a checkpoint of one
+    loader resumes with the other at the same position."""
+    pytest.importorskip("nvidia.dali")
+    common = ["--variant", "scad", "--ckpt-every", "2", "--ema-kimg", "1", *tiny_train()]
+    a, b = str(tmp_path / "dali"), str(tmp_path / "memory")
+    assert train.main([*common, "--steps", "4", "--out", a]) == 0
+    assert train.main([*common, "--steps", "2", "--out", b, "--loader", "memory"]) == 0
+    assert train.main([*common, "--steps", "4", "--out", b, "--resume"]) == 0  # the default loader, DALI
+    _assert_bitwise_equal(_params(a), _params(b), "state")
+
+
 def test_eval_prompts_are_held_out():
     from scadfast.data.shapes import free_attributes, sample_prompts
     from scadfast.metrics.curves import heldout_prompts

@@ -1,7 +1,8 @@
-"""Data: the embedded shapes set, source indexing, and NVIDIA DALI loading (docs/design.md §8).
+"""Data: the embedded shapes set, source indexing, and loading — NVIDIA DALI, or in memory (docs/design.md §8).
 
-``make_loader``/``DALILoader`` live in :mod:`scadfast.data.dali` and are imported lazily, so
-``import scadfast.data`` does not import DALI.
+``make_loader``/``DALILoader`` live in :mod:`scadfast.data.dali`, ``MemoryLoader`` in
+:mod:`scadfast.data.memory`; they are imported lazily, and neither module imports DALI until a
+DALI pipeline is built, so ``import scadfast.data`` does not import it.
 """
 
 from .shapes import (
@@ -31,7 +32,7 @@ __all__ = [
     "make_shapes_dataset", "parse_caption", "prompts_with_free_attributes", "render",
     "sample_attrs", "sample_prompt_attrs", "sample_prompts",
     "DataSpec", "DataWarning", "RecordSet", "expand_braces", "load_records", "parse_data_spec",
-    "DALILoader", "make_loader",
+    "DALILoader", "MemoryLoader", "make_loader",
 ]
 
 
@@ -40,4 +41,8 @@ def __getattr__(name):
         from . import dali
 
         return getattr(dali, name)
+    if name == "MemoryLoader":
+        from .memory import MemoryLoader
+
+        return MemoryLoader
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -68,6 +68,7 @@ class DataDecodeError(RuntimeError):
     """DALI could not decode an image and the culprit could not be identified and skipped."""
 
 _READER_NAME = "Reader"
+BACKENDS = ("dali", "memory")  # make_loader's loaders: this module's, scadfast.data.memory's
 
 
 def _dali():
@@ -78,7 +79,8 @@ def _dali():
     except ImportError as e:  # pragma: no cover - depends on the install
         raise ImportError(
             "scadfast.data.dali needs NVIDIA DALI: pip install nvidia-dali-cuda130 "
-            f"(or the build for your CUDA); import failed: {e}"
+            "(or the build for your CUDA), or load without it: --loader memory (make_loader(..., "
+            f"backend='memory')) for a data set that fits in memory; import failed: {e}"
         ) from None
     return fn, pipeline_def, types, DALIGenericIterator, LastBatchPolicy
 
@@ -410,9 +412,12 @@ def make_loader(
     prefetch_queue_depth: int = 2,
     check_images: str = "header",
     index: Optional[dict] = None,
+    backend: str = "dali",
 ) -> DALILoader:
     """A :class:`DALILoader` over ``spec`` (a data spec string, :class:`DataSpec` or an already
-    indexed :class:`RecordSet`).
+    indexed :class:`RecordSet`); with ``backend="memory"`` a
+    :class:`~scadfast.data.memory.MemoryLoader` (the same batches' order, every image decoded once
+    into memory, no DALI needed).
 
     ``device_id``: CUDA device for decoding and augmentation, or ``None`` for the CPU.
     ``rank``/``world_size``: this process's shard (DDP). ``seed``: epoch order and flips.
@@ -422,11 +427,18 @@ def make_loader(
     ranks share the indexing of uncached shards.
     """
     image_size = _check_int("image_size", image_size, 1)
+    if backend not in BACKENDS:
+        raise ValueError(f"make_loader: backend must be one of {BACKENDS}, got {backend!r}")
     if isinstance(spec, RecordSet):
         records = spec
     else:
         index = {"rank": rank, "world_size": world_size, **(index or {})}
         records = load_records(spec, image_size=image_size, check_images=check_images, index=index)
+    if backend == "memory":
+        from .memory import MemoryLoader
+
+        return MemoryLoader(records, image_size, batch_size, device_id=device_id, rank=rank,
+                            world_size=world_size, seed=seed, shuffle=shuffle, flip=flip)
     return DALILoader(records, image_size, batch_size, device_id=device_id, rank=rank,
                       world_size=world_size, seed=seed, shuffle=shuffle, flip=flip,
                       num_threads=num_threads, prefetch_queue_depth=prefetch_queue_depth)
