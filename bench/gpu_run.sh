@@ -3,7 +3,8 @@
 # (the README's "Benchmarks" says how long it took).
 #
 #   bash bench/gpu_run.sh [--wheels DIR] [--results-dir DIR] [--budget SECONDS] [--skip-install]
-#   bash bench/gpu_run.sh --cpu-dry-run [--results-dir DIR]
+#                         [--stages LIST] [--learning-seconds S] [--learning-args "FLAGS"]
+#   bash bench/gpu_run.sh --cpu-dry-run [--results-dir DIR] [--stages LIST]
 #
 # Stages, in order (each under `timeout`, each recorded with its status and time; a failing stage does
 # not stop the later ones, the overall deadline --budget (default 480 s) does):
@@ -17,6 +18,15 @@
 #   train-galip  as train-scad_mi for galip
 #   loader       bench/loader.py: DALI device="mixed" vs torch DataLoader images/s
 #   kernels-sweep  bench/kernels.py --kinds sweep (bandwidth sweep; whatever time is left)
+#   learning     (only when --stages names it; it then runs right after build) the embedded default
+#                trained on the GPU: python -m scadfast.train --variant scad_mi --device cuda
+#                --loader memory --steps 100000 --eval-every 500 [--learning-args], stopped by SIGTERM
+#                after --learning-seconds (default 300; the trainer finishes its step, checkpoints and
+#                writes summary.json, curves.jsonl/png and its last sample grid): the learning curve at
+#                GPU speed. Its run folder is written to $OUT/learning when $OUT is set (so it comes
+#                back from a device runner), else next to the results; the JSON embeds its curve.
+# --stages LIST: comma-separated stages to run (default: all but learning); the others are recorded
+# as skipped. E.g. --stages install,build,learning for a learning run alone.
 # (the most important measurements first: stages that no longer fit in the budget are skipped)
 # Output: <results-dir>/<device>-<date>.json (schema scadfast.bench.gpu_run/1: the stages and every
 # result JSON embedded) and <device>-<date>.log; copied to $OUT too when $OUT is set (the device
@@ -53,6 +63,9 @@ RESULTS=""
 BUDGET=480
 BUDGET_GIVEN=0
 SKIP_INSTALL=0
+SELECTED="install,build,tests,train-scad_mi,kernels,train-galip,loader,kernels-sweep"
+LEARN_SECONDS=300
+LEARN_EXTRA=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --cpu-dry-run) DRY=1 ;;
@@ -60,7 +73,10 @@ while [ $# -gt 0 ]; do
     --results-dir) RESULTS="$2"; shift ;;
     --budget) BUDGET="$2"; BUDGET_GIVEN=1; shift ;;
     --skip-install) SKIP_INSTALL=1 ;;
-    -h|--help) sed -n '2,45p' "$0"; exit 0 ;;
+    --stages) SELECTED="$2"; shift ;;
+    --learning-seconds) LEARN_SECONDS="$2"; shift ;;
+    --learning-args) LEARN_EXTRA="$2"; shift ;;
+    -h|--help) sed -n '2,55p' "$0"; exit 0 ;;
     *) echo "gpu_run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -101,6 +117,8 @@ if [ "$DRY" = 1 ]; then
   KERNEL_ARGS=(--quick --device cpu --ops patch_hinge_loss --providers eager fused)
   KERNEL_SWEEP_ARGS=(--quick --device cpu --ops patch_hinge_loss --providers eager fused)
   TRAIN_ARGS=(--tiny --device cpu --warmup 0 --windows 1 --no-flops)
+  LEARN_ARGS=(--device cpu --loader memory --steps 4 --eval-every 2 --eval-prompts 2 --eval-n 2 --shapes-n 48
+              --batch-size 4 --ngf 16 --ndf 16 --sample-prompts 2 --sample-noise 2)
   LOADER_ARGS=(--device cpu --image-size 64 --batch-size 4 --batches 2 --warmup 1 --shapes-n 32 --workers 1)
   # Stage limits (s): generous, a shared CPU can be slow; the dry run proves the command lines, not speed.
   CAP_TESTS=300; CAP_KERNELS=300; CAP_TRAIN=400; CAP_LOADER=200; CAP_SWEEP=200
@@ -110,6 +128,7 @@ else
   KERNEL_ARGS=(--device cuda)
   KERNEL_SWEEP_ARGS=(--device cuda)
   TRAIN_ARGS=(--device cuda --clip ViT-B-32 --clip-pretrained none --batch-size 64 --precision bf16 --shapes-n 1024)
+  LEARN_ARGS=(--device cuda --loader memory --steps 100000 --eval-every 500)
   LOADER_ARGS=(--device cuda --image-size 224 --batch-size 64 --batches 50 --warmup 5 --shapes-n 1024)
   CAP_TESTS=60; CAP_KERNELS=120; CAP_TRAIN=120; CAP_LOADER=40; CAP_SWEEP=120
   export PIP_BREAK_SYSTEM_PACKAGES=1 PIP_DISABLE_PIP_VERSION_CHECK=1  # a system Python may be "externally managed"
@@ -120,6 +139,10 @@ fi
 stage() {
   local name="$1" cap="$2" need="$3"; shift 3
   local now left lim t0 rc status note
+  if [[ ",$SELECTED," != *",$name,"* ]]; then
+    printf '%s\tskipped\t0\t%s\n' "$name" "not in --stages" >> "$STAGES"
+    return 0
+  fi
   now=$(date +%s); left=$(( BUDGET - (now - START) ))
   if [ "$left" -lt "$need" ]; then
     echo "[gpu_run] --- $name: SKIPPED (${left}s left of the ${BUDGET}s budget, needs ${need}s)"
@@ -137,6 +160,7 @@ stage() {
   rc=$?
   local dt=$(( $(date +%s) - t0 ))
   if [ "$rc" = 0 ]; then status=ok; note=""
+  elif [ "$rc" = 124 ] && [ "$name" = learning ]; then status=ok; note="stopped by SIGTERM after ${lim}s, as designed"
   elif [ "$rc" = 124 ] || [ "$rc" = 137 ]; then status=timeout; note="killed after ${lim}s"
   else status=failed; note="exit $rc"
   fi
@@ -183,6 +207,9 @@ if ! "$PY" -c "import nvidia.dali" 2>/dev/null; then
   TRAIN_ARGS+=(--loader memory)
   echo "[gpu_run] no DALI: the train-* stages use --loader memory"
 fi
+if [ -n "${OUT:-}" ]; then LEARN_OUT="$OUT/learning"; else LEARN_OUT="$RESULTS/$NAME-learning"; fi
+# shellcheck disable=SC2206  # --learning-args is a flag string, split on spaces
+stage learning "$LEARN_SECONDS" 60 "$PY" -m scadfast.train --variant scad_mi "${LEARN_ARGS[@]}" $LEARN_EXTRA --out "$LEARN_OUT"
 stage tests "$CAP_TESTS" 10 "$PY" -m pytest "${TEST_ARGS[@]}"
 stage train-scad_mi "$CAP_TRAIN" 40 "$PY" bench/train_step.py --variant scad_mi "${TRAIN_ARGS[@]}" --out "$WORK/train_step-scad_mi.json"
 stage kernels "$CAP_KERNELS" 20 "$PY" bench/kernels.py --kinds model "${KERNEL_ARGS[@]}" --out "$WORK/kernels-model.json"
@@ -192,9 +219,10 @@ stage kernels-sweep "$CAP_SWEEP" 30 "$PY" bench/kernels.py --kinds sweep "${KERN
 
 # One results file: the stages and every result JSON (complete or partial) embedded.
 OUTFILE="$RESULTS/$NAME.json"
-"$PY" - "$STAGES" "$WORK" "$OUTFILE" "$DRY" "$START" <<'EOF'
+"$PY" - "$STAGES" "$WORK" "$OUTFILE" "$DRY" "$START" "$LEARN_OUT" <<'EOF'
 import json, os, sys, time
 stages_tsv, work, out, dry, start = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1", int(sys.argv[5])
+learn_out = sys.argv[6]
 sys.path.insert(0, os.path.join(os.getcwd(), "bench"))
 import torch
 import common
@@ -215,6 +243,11 @@ res = {"schema": "scadfast.bench.gpu_run/1", **common.environment(device), "dry_
        "command": "bash bench/gpu_run.sh" + (" --cpu-dry-run" if dry else ""),
        "wall_s": time.time() - start, "stages": stages, "results": results,
        "ok": all(s["status"] in ("ok", "skipped") for s in stages)}
+if os.path.isfile(os.path.join(learn_out, "curves.jsonl")):  # the learning stage's curve and summary
+    from scadfast.metrics.curves import read_jsonl
+    summary = os.path.join(learn_out, "summary.json")
+    res["learning"] = {"run_dir": learn_out, "curve": read_jsonl(os.path.join(learn_out, "curves.jsonl")),
+                       "summary": json.load(open(summary)) if os.path.isfile(summary) else None}
 with open(out, "w") as f:
     json.dump(res, f, indent=1, default=str)
 print(f"[gpu_run] wrote {out}: " + ", ".join(f"{s['name']}={s['status']}" for s in stages))

@@ -220,8 +220,9 @@ def test_gpu_run_cpu_dry_run(tmp_path):
     res = json.loads((results / files[0]).read_text())
     assert res["schema"] == "scadfast.bench.gpu_run/1" and res["dry_run"] is True and res["ok"] is True
     stages = {s["name"]: s["status"] for s in res["stages"]}
-    assert stages == {"install": "skipped", "build": "skipped", "tests": "ok", "kernels": "ok", "train-scad_mi": "ok",
-                      "train-galip": "ok", "loader": "ok", "kernels-sweep": "ok"}, stages
+    assert stages == {"install": "skipped", "build": "skipped", "learning": "skipped", "tests": "ok", "kernels": "ok",
+                      "train-scad_mi": "ok", "train-galip": "ok", "loader": "ok", "kernels-sweep": "ok"}, stages
+    assert "learning" not in res  # not a default stage
     schemas = [r["schema"] for r in res["results"]]
     assert schemas == ["scadfast.bench.kernels/1", "scadfast.bench.train_step/1", "scadfast.bench.train_step/1",
                        "scadfast.bench.loader/1", "scadfast.bench.kernels/1"]
@@ -234,6 +235,24 @@ def test_gpu_run_cpu_dry_run(tmp_path):
                         text=True, timeout=60)
     assert md.returncode == 0, md.stderr
     assert "GPU run on" in md.stdout and "dry run on the CPU" in md.stdout and "Training step: `galip`" in md.stdout
+
+
+def test_gpu_run_learning_stage_cpu_dry_run(tmp_path):
+    """``--stages learning``: the embedded default trained with ``--loader memory``; its curve and summary
+    are embedded in the run's JSON and its run folder kept beside it."""
+    results = tmp_path / "results"
+    env = _env(TMPDIR=str(tmp_path), PYTHON=sys.executable, SCADFAST_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.run(["bash", GPU_RUN, "--cpu-dry-run", "--results-dir", str(results), "--stages", "learning"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (js,) = results.glob("*.json")
+    res = json.loads(js.read_text())
+    stages = {s["name"]: s["status"] for s in res["stages"]}
+    assert stages["learning"] == "ok" and all(v == "skipped" for k, v in stages.items() if k != "learning"), stages
+    assert [r["step"] for r in res["learning"]["curve"]] == [0, 2, 4]
+    assert res["learning"]["summary"]["steps"] == 4 and "alignment" in res["learning"]["curve"][-1]
+    run_dir = results / (js.stem + "-learning")
+    assert (run_dir / "samples" / "latest.png").is_file() and (run_dir / "curves.png").is_file()
 
 
 def _synthetic_train_step(device_name="NVIDIA H200", cuda=True):
