@@ -419,7 +419,8 @@ def make_loader(
     :class:`~scadfast.data.memory.MemoryLoader` (the same batches' order, every image decoded once
     into memory, no DALI needed).
 
-    ``device_id``: CUDA device for decoding and augmentation, or ``None`` for the CPU.
+    ``device_id``: CUDA device for decoding and augmentation (``backend="memory"``: that holds the
+    decoded set), or ``None`` for the CPU.
     ``rank``/``world_size``: this process's shard (DDP). ``seed``: epoch order and flips.
     ``check_images``: the indexing-time image check (see :mod:`scadfast.data.sources`).
     ``index``: options of the webdataset shard index (``cache_dir``, ``sync``, ``verbose``; see
