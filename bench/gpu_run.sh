@@ -26,7 +26,8 @@
 #                GPU speed. Its run folder is written to $OUT/learning when $OUT is set (so it comes
 #                back from a device runner), else next to the results; the JSON embeds its curve.
 # --stages LIST: comma-separated stages to run (default: all but learning); the others are recorded
-# as skipped. E.g. --stages install,build,learning for a learning run alone.
+# as skipped. E.g. SCADFAST_CUDA=0 bash bench/gpu_run.sh --stages install,build,learning for a learning
+# run alone (SCADFAST_CUDA=0: build stage without nvcc; scad_mi uses no CUDA-extension op).
 # (the most important measurements first: stages that no longer fit in the budget are skipped)
 # Output: <results-dir>/<device>-<date>.json (schema scadfast.bench.gpu_run/1: the stages and every
 # result JSON embedded) and <device>-<date>.log; copied to $OUT too when $OUT is set (the device
@@ -180,6 +181,13 @@ install_missing() {
 
 build_extension() {
   local arch
+  if [ "${SCADFAST_CUDA:-1}" = 0 ]; then  # asked for the CPU-only extension: the quick install (e.g. a
+    # learning run of scad_mi, which uses no CUDA-extension op): layout + Triton kernels, no nvcc
+    echo "building scadfast._C without CUDA kernels (SCADFAST_CUDA=0)"
+    SCADFAST_CUDA=0 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . || return 6
+    "$PY" -c "import scadfast.kernels, scadfast._C"
+    return
+  fi
   arch="$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))")" || return 4
   echo "building scadfast._C for sm_${arch/./}"
   if ! TORCH_CUDA_ARCH_LIST="$arch" SCADFAST_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}" \
