@@ -176,7 +176,11 @@ install_missing() {
   "$PY" -c "import nvidia.dali" 2>/dev/null || missing+=(nvidia-dali-cuda130)
   if [ ${#missing[@]} = 0 ]; then echo "open_clip and DALI already installed"; return 0; fi
   if [ ! -d "$WHEELS" ]; then echo "missing ${missing[*]} and no wheels folder $WHEELS" >&2; return 3; fi
-  "$PY" -m pip install --no-index --find-links "$WHEELS" "${missing[@]}"
+  local pkg rc=0
+  for pkg in "${missing[@]}"; do  # one at a time: open_clip installs even where DALI's wheels are absent
+    "$PY" -m pip install --no-index --find-links "$WHEELS" "$pkg" || { echo "could not install $pkg" >&2; rc=3; }
+  done
+  return $rc
 }
 
 build_extension() {
