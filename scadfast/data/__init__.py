@@ -1,8 +1,8 @@
 """Data: the embedded shapes set, source indexing, and loading — NVIDIA DALI, or in memory (docs/design.md §8).
 
-``make_loader``/``DALILoader`` live in :mod:`scadfast.data.dali`, ``MemoryLoader`` in
-:mod:`scadfast.data.memory`; they are imported lazily, and neither module imports DALI until a
-DALI pipeline is built, so ``import scadfast.data`` does not import it.
+``make_loader`` lives in :mod:`scadfast.data.loader`, ``DALILoader`` in :mod:`scadfast.data.dali`,
+``MemoryLoader`` in :mod:`scadfast.data.memory`; they are imported lazily, and none of them imports
+DALI until a DALI pipeline is built, so ``import scadfast.data`` does not import it.
 """
 
 from .shapes import (
@@ -37,12 +37,8 @@ __all__ = [
 
 
 def __getattr__(name):
-    if name in ("DALILoader", "make_loader"):
-        from . import dali
+    if name in ("DALILoader", "MemoryLoader", "make_loader"):
+        from . import loader
 
-        return getattr(dali, name)
-    if name == "MemoryLoader":
-        from .memory import MemoryLoader
-
-        return MemoryLoader
+        return getattr(loader, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

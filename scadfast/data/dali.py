@@ -1,7 +1,8 @@
 """NVIDIA DALI loading: decode, resize, crop, (flip) and normalise, on the GPU or the CPU.
 
-:func:`make_loader` indexes a data spec (:mod:`scadfast.data.sources`) and returns a
-:class:`DALILoader`, an iterable of ``(images, indices)`` batches:
+:func:`scadfast.data.make_loader` (:mod:`scadfast.data.loader`) indexes a data spec
+(:mod:`scadfast.data.sources`) and returns a :class:`DALILoader`, an iterable of ``(images, indices)``
+batches:
 
 * ``images``: ``float32`` ``(B, 3, S, S)`` in ``[-1, 1]`` (``(x - 127.5) / 127.5`` of the 8-bit RGB
   pixels), on ``cuda:device_id`` when ``device_id`` is an int (JPEG decoding with
@@ -53,22 +54,21 @@ uninterrupted run would have produced. A pipeline is built per epoch (tens of mi
 from __future__ import annotations
 
 import warnings
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from .image_check import _pil_decode_error
-from .sources import DataSpec, DataWarning, RecordSet, load_records
+from .sources import DataWarning, RecordSet
 
-__all__ = ["DALILoader", "DataDecodeError", "make_loader"]
+__all__ = ["DALILoader", "DataDecodeError"]
 
 
 class DataDecodeError(RuntimeError):
     """DALI could not decode an image and the culprit could not be identified and skipped."""
 
 _READER_NAME = "Reader"
-BACKENDS = ("dali", "memory")  # make_loader's loaders: this module's, scadfast.data.memory's
 
 
 def _dali():
@@ -395,52 +395,3 @@ def _substitute(order: np.ndarray, skipped: set) -> np.ndarray:
     nxt = np.searchsorted(good, pos) % good.size
     out[pos] = order[good[nxt]]
     return out
-
-
-def make_loader(
-    spec: Union[str, DataSpec, RecordSet],
-    image_size: int,
-    batch_size: int,
-    device_id: Optional[int] = None,
-    rank: int = 0,
-    world_size: int = 1,
-    seed: int = 0,
-    *,
-    shuffle: bool = True,
-    flip: bool = False,
-    num_threads: int = 2,
-    prefetch_queue_depth: int = 2,
-    check_images: str = "header",
-    index: Optional[dict] = None,
-    backend: str = "dali",
-) -> DALILoader:
-    """A :class:`DALILoader` over ``spec`` (a data spec string, :class:`DataSpec` or an already
-    indexed :class:`RecordSet`); with ``backend="memory"`` a
-    :class:`~scadfast.data.memory.MemoryLoader` (the same batches' order, every image decoded once
-    into memory, no DALI needed).
-
-    ``device_id``: CUDA device for decoding and augmentation (``backend="memory"``: that holds the
-    decoded set), or ``None`` for the CPU.
-    ``rank``/``world_size``: this process's shard (DDP). ``seed``: epoch order and flips.
-    ``check_images``: the indexing-time image check (see :mod:`scadfast.data.sources`).
-    ``index``: options of the webdataset shard index (``cache_dir``, ``sync``, ``verbose``; see
-    :func:`scadfast.data.wds_index.index_shards`); ``rank``/``world_size`` are passed to it, so the
-    ranks share the indexing of uncached shards.
-    """
-    image_size = _check_int("image_size", image_size, 1)
-    if backend not in BACKENDS:
-        raise ValueError(f"make_loader: backend must be one of {BACKENDS}, got {backend!r}")
-    if isinstance(spec, RecordSet):
-        records = spec
-    else:
-        index = {"rank": rank, "world_size": world_size, **(index or {})}
-        records = load_records(spec, image_size=image_size, check_images=check_images, index=index)
-    if backend == "memory":
-        from .memory import MemoryLoader
-
-        return MemoryLoader(records, image_size, batch_size, device_id=device_id, rank=rank,
-                            world_size=world_size, seed=seed, shuffle=shuffle, flip=flip)
-    return DALILoader(records, image_size, batch_size, device_id=device_id, rank=rank,
-                      world_size=world_size, seed=seed, shuffle=shuffle, flip=flip,
-                      num_threads=num_threads, prefetch_queue_depth=prefetch_queue_depth)
-
