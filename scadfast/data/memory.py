@@ -14,10 +14,11 @@ When to use it (``--loader memory``):
   decoding every epoch again, which DALI does, is wasted work;
 * DALI is not installed (a GPU image without its wheels): this loader needs only Pillow and torch.
 
-What differs from DALI: the pixels. Pillow's JPEG decoder and resampling are not DALI's, so an image can
-differ by a few levels of 255 (the shapes set's JPEGs at their native size: a mean absolute difference
-below 1 level in the tests), and a run with ``--loader memory`` is a run of its own, not a bitwise copy
-of a DALI run. The order is the same, so a checkpoint of either resumes with the other.
+What differs from DALI: on the shapes set at its native size, nothing — the decoded JPEG pixels and the
+normalisation agree bit for bit, so a ``--loader memory`` run is the DALI run (tests train both and
+compare the weights). Where images are resized, or in other codecs, Pillow's decoder and resampler are
+not DALI's: an image can differ by a few levels of 255 and the run is a run of its own. The order is
+always the same, so a checkpoint of either loader resumes with the other.
 
 Memory: every rank holds the whole set (each rank reads a different slice of every epoch's order), so
 ``max_bytes`` (default 8 GiB) refuses a set that would not fit, naming its size; use DALI for those.
