@@ -54,6 +54,7 @@ uninterrupted run would have produced. A pipeline is built per epoch (tens of mi
 from __future__ import annotations
 
 import warnings
+from contextlib import closing
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -318,9 +319,22 @@ class DALILoader:
         return pipe, it, closer
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """The current epoch from batch ``self.batch`` on, then advance to the next epoch (one
+        finished already is skipped). ``self.batch`` counts the batches handed out."""
         if self.batch >= len(self):
             self.epoch, self.batch = self.epoch + 1, 0
         epoch = self.epoch
+        with closing(self._epoch_batches(epoch)) as batches:  # an abandoned epoch releases its pipeline now
+            for images, indices in batches:
+                self.batch += 1
+                yield images, indices
+        if self.batch != len(self):  # pragma: no cover - the loaders' contract
+            raise RuntimeError(f"epoch {epoch} ended after {self.batch} of {len(self)} batches")
+        self.epoch, self.batch = epoch + 1, 0
+
+    def _epoch_batches(self, epoch: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """``epoch``'s batches from ``self.batch`` on, decoded by DALI (rebuilt past an undecodable
+        image, which is then skipped)."""
         while True:
             pipe, it, closer = self._make_iterator(epoch, self.batch)
             try:
@@ -331,7 +345,6 @@ class DALILoader:
                     if images.shape[0] != self.batch_size:  # pragma: no cover - DALI contract
                         raise RuntimeError(f"DALI returned a batch of {images.shape[0]}, "
                                            f"expected {self.batch_size}")
-                    self.batch += 1
                     yield images, indices
                 break
             except RuntimeError as e:
@@ -343,9 +356,6 @@ class DALILoader:
                     closer.close()
                 del it
                 del pipe
-        if self.batch != len(self):  # pragma: no cover - DALI contract
-            raise RuntimeError(f"epoch {epoch} ended after {self.batch} of {len(self)} batches")
-        self.epoch, self.batch = epoch + 1, 0
 
     def _skip_undecodable(self, epoch: int, error: str) -> None:
         """After a DALI decoding error at batch ``self.batch``: find the undecodable files among the
@@ -365,13 +375,18 @@ class DALILoader:
             shown = ", ".join(self.records.keys[int(i)] for i in window[:B])
             raise DataDecodeError(f"{self.records.source}: DALI failed to decode an image of epoch {epoch}, "
                                   f"batch {self.batch} ({first}); Pillow reads all of them: {shown}") from None
+        self._skip(bad, " (run with --check-images to find all such files up front)")
+
+    def _skip(self, bad: List[Tuple[int, str]], hint: str = "") -> None:
+        """Skip the records ``bad`` ((index, why) pairs) from now on, with a warning naming them; raise
+        :class:`DataDecodeError` when too few readable records would be left for this rank."""
+        keys = self.records.keys
         if len(self.skipped) + len(bad) >= self._per_rank:
             raise DataDecodeError(f"{self.records.source}: too many undecodable images to continue "
-                                  f"({', '.join(self.records.keys[i] for i, _ in bad[:5])})") from None
+                                  f"({', '.join(keys[i] for i, _ in bad[:5])})") from None
         self.skipped.update(i for i, _ in bad)
         warnings.warn(f"{self.records.source}: skipped {len(bad)} image(s) that cannot be decoded: "
-                      + "; ".join(f"{self.records.keys[i]} ({why})" for i, why in bad[:5])
-                      + " (run with --check-images to find all such files up front)", DataWarning, stacklevel=2)
+                      + "; ".join(f"{keys[i]} ({why})" for i, why in bad[:5]) + hint, DataWarning, stacklevel=3)
 
     def __repr__(self) -> str:
         where = "cpu" if self.device_id is None else f"cuda:{self.device_id}"

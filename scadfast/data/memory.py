@@ -29,14 +29,13 @@ DALI's loader does: its slots in the epoch order are taken by the next readable 
 from __future__ import annotations
 
 import io
-import warnings
 from typing import Iterator, Optional, Tuple
 
 import numpy as np
 import torch
 
-from .dali import DALILoader, DataDecodeError
-from .sources import DataWarning, RecordSet
+from .dali import DALILoader
+from .sources import RecordSet
 
 __all__ = ["MemoryLoader", "decode_image"]
 
@@ -85,13 +84,7 @@ class MemoryLoader(DALILoader):
             except Exception as e:  # noqa: BLE001 - any decoder failure: name the file and skip it
                 bad.append((i, f"{type(e).__name__}: {e}"))
         if bad:
-            if len(bad) >= self._per_rank:
-                raise DataDecodeError(f"{records.source}: too many undecodable images to continue "
-                                      f"({', '.join(records.keys[i] for i, _ in bad[:5])})")
-            self.skipped.update(i for i, _ in bad)
-            warnings.warn(f"{records.source}: skipped {len(bad)} image(s) that cannot be decoded: "
-                          + "; ".join(f"{records.keys[i]} ({why})" for i, why in bad[:5]), DataWarning,
-                          stacklevel=2)
+            self._skip(bad)
         self.device = torch.device("cpu" if device_id is None else f"cuda:{device_id}")
         self.pixels = torch.from_numpy(pixels).to(self.device)
 
@@ -100,21 +93,19 @@ class MemoryLoader(DALILoader):
         super().load_state_dict(state)
         self.skipped |= skipped
 
-    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        if self.batch >= len(self):
-            self.epoch, self.batch = self.epoch + 1, 0
-        epoch, B = self.epoch, self.batch_size
+    def _epoch_batches(self, epoch: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """``epoch``'s batches from ``self.batch`` on, gathered from the decoded set (the epoch
+        bookkeeping is :meth:`DALILoader.__iter__`'s)."""
+        B = self.batch_size
         order = torch.from_numpy(self.epoch_order(epoch))
         flips = torch.from_numpy(self.epoch_flips(epoch))
-        while self.batch < len(self):
-            idx = order[self.batch * B:(self.batch + 1) * B]
+        for k in range(self.batch, len(self)):
+            idx = order[k * B:(k + 1) * B]
             images = self.pixels[idx.to(self.device)].float()
             flip = flips[idx].to(self.device)
             if self.flip and bool(flip.any()):
                 images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-            self.batch += 1
             yield (images - 127.5) * _INV_STD, idx.clone()  # DALI's arithmetic: equal bits on the CPU
-        self.epoch, self.batch = epoch + 1, 0
 
     def __repr__(self) -> str:
         return (f"MemoryLoader({self.records.source}, records={len(self.records)}, "
