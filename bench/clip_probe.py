@@ -2,7 +2,7 @@
 """What a CLIP tells the GAN about each shapes attribute: linear probes and zero-shot retrieval.
 
     python bench/clip_probe.py [--clip-pretrained shapes|PATH] [--n 3000] [--fit 2000] [--seed 4242]
-                               [--out docs/results/clip-probe-<tag>.json]
+                               [--all-blocks] [--text] [--out docs/results/clip-probe-<tag>.json]
 
 GALIP's discriminator reads only the frozen CLIP's patch tokens after ``feature_blocks``, and the
 generator's CLIP term reads the pooled image embedding. If an attribute is not linearly readable
@@ -21,11 +21,19 @@ readout needs when the object can be anywhere), concatenated — which block, if
 
 It also reports the zero-shot retrieval of ``scadfast.pretrain_clip.retrieval_metrics`` on the
 same images. Nothing here touches GAN training: it measures a CLIP checkpoint.
+
+With ``--text`` it also measures the text side, what the generator is conditioned on: the sentence
+embedding ``s`` of every fully specified caption (6·8·3·9·5 = 6,480), and per attribute the share of
+s's variance that the attribute's class means explain (between-class over total variance; the five
+shares sum to 1 when the embedding is additive in the attributes) and the mean distance between its
+class means. An attribute with a small share moves s little, so a generator reading s gets a weak
+signal for it (``text_separation`` in the JSON).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import sys
@@ -95,8 +103,32 @@ def probe_accuracy(x: torch.Tensor, y: torch.Tensor, n_fit: int, l2: float = 1e-
         return float(((xt @ w + b).argmax(1) == yt).float().mean())
 
 
+@torch.no_grad()
+def text_separation(clip: FrozenCLIP, batch_size: int = 512) -> dict:
+    """Per attribute, over every fully specified caption's sentence embedding: ``share`` (between-class
+    variance of the attribute's class means / total variance) and ``mean_distance`` (mean Euclidean
+    distance between two of its class means), with the embeddings' mean norm for scale."""
+    names = shp.ATTRIBUTE_NAMES
+    combos = list(itertools.product(*(shp.ATTRIBUTES[a] for a in names)))
+    caps = [shp.format_caption(dict(zip(names, c)), names) for c in combos]
+    s = torch.cat([clip.encode_text(clip.tokenize(caps[i:i + batch_size])).float().cpu()
+                   for i in range(0, len(caps), batch_size)])
+    centred = s - s.mean(0)
+    total = float((centred ** 2).sum(1).mean())
+    out = {"n_captions": len(caps), "mean_norm": round(float(s.norm(dim=1).mean()), 4), "attributes": {}}
+    for k, a in enumerate(names):
+        values = shp.ATTRIBUTES[a]
+        label = torch.tensor([values.index(c[k]) for c in combos])
+        means = torch.stack([centred[label == v].mean(0) for v in range(len(values))])
+        m = len(values)
+        out["attributes"][a] = {"share": round(float((means ** 2).sum(1).mean()) / total, 4),
+                                "mean_distance": round(float(torch.cdist(means, means).sum()) / (m * (m - 1)), 4),
+                                "n_values": m}
+    return out
+
+
 def run(clip_pretrained: str, n: int, n_fit: int, seed: int, data_root: str, iters: int = 200,
-        all_blocks: bool = False) -> dict:
+        all_blocks: bool = False, text: bool = False) -> dict:
     clip = FrozenCLIP(TINY_NAME, pretrained=clip_pretrained)
     path = shp.make_shapes_dataset(data_root, n=n, image_size=clip.image_size, seed=seed)
     imgs, attrs, rows = pc.load_shapes_images(path)
@@ -108,12 +140,15 @@ def run(clip_pretrained: str, n: int, n_fit: int, seed: int, data_root: str, ite
                   for k, a in enumerate(shp.ATTRIBUTE_NAMES)} for v, x in views.items()}
     zero_shot = pc.retrieval_metrics(clip.model, clip.tokenize, imgs[n_fit:], attrs[n_fit:],
                                      [r["caption"] for r in rows[n_fit:]])
-    return {"schema": SCHEMA, "clip": TINY_NAME, "clip_pretrained": clip_pretrained,
-            "clip_weights_id": clip.weights_id(), "feature_blocks": list(clip.feature_blocks),
-            "n": n, "n_fit": n_fit, "seed": seed, "iters": iters, "probe_heldout_accuracy": probes,
-            "zero_shot": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in zero_shot.items()},
-            "seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__,
-            "machine": platform.processor() or platform.machine(), "command": " ".join(sys.argv)}
+    res = {"schema": SCHEMA, "clip": TINY_NAME, "clip_pretrained": clip_pretrained,
+           "clip_weights_id": clip.weights_id(), "feature_blocks": list(clip.feature_blocks),
+           "n": n, "n_fit": n_fit, "seed": seed, "iters": iters, "probe_heldout_accuracy": probes,
+           "zero_shot": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in zero_shot.items()}}
+    if text:
+        res["text_separation"] = text_separation(clip)
+    res.update({"seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__,
+                "machine": platform.processor() or platform.machine(), "command": " ".join(sys.argv)})
+    return res
 
 
 def main(argv=None) -> int:
@@ -126,6 +161,8 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=200, help="L-BFGS iterations per probe")
     p.add_argument("--all-blocks", action="store_true",
                    help="also probe every vision block's patch tokens, mean‖max-pooled (views block<i>)")
+    p.add_argument("--text", action="store_true",
+                   help="also measure how far each attribute moves the sentence embedding G is conditioned on")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="JSON output (default: print only)")
     a = p.parse_args(argv)
@@ -134,11 +171,16 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        res = run(a.clip_pretrained, a.n, a.fit, a.seed, a.data_root or tmp, a.iters, a.all_blocks)
+        res = run(a.clip_pretrained, a.n, a.fit, a.seed, a.data_root or tmp, a.iters, a.all_blocks, a.text)
     print("probe held-out accuracy (rows: view; columns: " + ", ".join(shp.ATTRIBUTE_NAMES) + ")")
     for v in res["probe_heldout_accuracy"]:
         print(f"  {v:7s} " + "  ".join(f"{res['probe_heldout_accuracy'][v][a]:.3f}" for a in shp.ATTRIBUTE_NAMES))
     print("zero-shot: " + ", ".join(f"{k}={v}" for k, v in res["zero_shot"].items()))
+    if "text_separation" in res:
+        t = res["text_separation"]
+        print(f"sentence embedding of {t['n_captions']} captions (mean norm {t['mean_norm']:.2f}): "
+              + ", ".join(f"{a} share {v['share']:.3f} / distance {v['mean_distance']:.2f}"
+                          for a, v in t["attributes"].items()))
     if a.out:
         write_json(a.out, res, announce=True)
     return 0
