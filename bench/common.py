@@ -77,6 +77,25 @@ def cpu_name() -> str:
     return fields["model name"] + (f" ({ids})" if ids else "")
 
 
+# What changes a CPU run's arithmetic or data besides the CPU: the training set is rendered and
+# JPEG-encoded with Pillow and decoded by DALI (or Pillow), and the kernels are torch's.
+RUN_PACKAGES = ("torch", "numpy", "pillow", "nvidia-dali-cuda130", "open_clip_torch")
+
+
+def package_versions(names=RUN_PACKAGES) -> dict:
+    """``{distribution: version}`` of the installed packages ``names`` (None where not installed), and
+    Python's version."""
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def environment(device: torch.device) -> dict:
     """Device and software versions for a results file."""
     try:

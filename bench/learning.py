@@ -8,7 +8,8 @@
 ``run`` trains each (variant, seed) with ``python -m scadfast.train`` (learning-curve snapshots on,
 as in the embedded default) into ``runs/learning/<variant>-s<seed>`` and keeps what the table needs
 under ``docs/results/learning/``: ``<variant>-s<seed>.jsonl`` (every snapshot), ``.summary.json``
-(wall time, images/s, the command, the CPU and the training's thread count), ``.log`` (the run's console: its progress
+(wall time, images/s, the command, the CPU, the training's thread count and the versions of the packages
+that enter a CPU run's arithmetic and data), ``.log`` (the run's console: its progress
 lines) and ``docs/samples/learning/<variant>-s<seed>.png`` (the final sample grid). Runs one training at
 a time.
 
@@ -48,7 +49,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cpu_name, splice_readme  # noqa: E402
+from common import cpu_name, package_versions, splice_readme  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEEP = os.path.join(ROOT, "docs", "results", "learning")
@@ -89,7 +90,7 @@ def run(a, extra) -> int:
             summary = json.load(open(os.path.join(out, "summary.json")))
             summary.update(command=" ".join(["python", "-m", "scadfast.train", *cmd[3:]]),
                            wall_with_setup_s=round(time.time() - t0, 1), date=time.strftime("%Y-%m-%d"),
-                           machine=a.machine, cpu=cpu_name())
+                           machine=a.machine, cpu=cpu_name(), versions=package_versions())
             shutil.copy(os.path.join(out, "curves.jsonl"), os.path.join(keep, name + ".jsonl"))
             json.dump(summary, open(os.path.join(keep, name + ".summary.json"), "w"), indent=1)
             shutil.copy(os.path.join(out, "samples", "latest.png"), os.path.join(samples, name + ".png"))

@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 
 @pytest.fixture
 def learning(tmp_path, monkeypatch, bench_module):
@@ -136,6 +137,7 @@ def test_run_keeps_snapshots_summary_grid_and_console(learning, tmp_path, monkey
     summary = json.load(open(os.path.join(keep, "scad-s0.summary.json")))
     assert summary["machine"] == "test box" and "--d-grad-clip 1e-6" in summary["command"]
     assert summary["cpu"] == learning.cpu_name() and summary["threads"] >= 1  # recorded, not only described
+    assert torch.__version__.startswith(summary["versions"]["torch"]) and "pillow" in summary["versions"]
     log = open(os.path.join(keep, "scad-s0.log")).read()
     assert "step 2/2" in log and "clipped_steps=1" in log  # the progress lines, as the console showed them
     assert os.path.getsize(tmp_path / "docs" / "samples" / "learning" / "scad-s0.png") > 100
