@@ -32,7 +32,11 @@ and the README block between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->``; 
 curves plot, e.g. an ablation whose runs differ in training flags; README block ``<!-- NAME:begin -->``.
 A run kept with ``<variant>-s<seed>.d-attributes.json`` (``bench/d_attributes.py`` on its last
 checkpoint) adds a row to a second table: which attributes its discriminator checks; one whose kept
-``.log`` has ``clipped_steps`` (a ``--d-grad-clip`` run) adds how many D steps the clip bound.
+``.log`` has ``clipped_steps`` (a ``--d-grad-clip`` run) adds how many D steps the clip bound; one
+kept with ``<variant>-s<seed>.common-prompts.json`` (``python -m scadfast.evaluate --ckpt RUN
+--prompts FILE --out …`` on its last checkpoint) adds a row to a table on one prompt set for all runs —
+for runs whose held-out prompts differ, e.g. runs on different training sets (the held-out prompts
+exclude each run's own training captions); ``compare`` refuses if those files used different prompts.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ BEGIN, END = "<!-- learning:begin -->", "<!-- learning:end -->"
 DEFAULT_SET = "learning"
 ATTRS = ("shape", "color", "size", "position", "background")
 D_CHECKS = ".d-attributes.json"  # bench/d_attributes.py's JSON of a kept run's last checkpoint
+COMMON = ".common-prompts.json"  # scadfast.evaluate's JSON of a kept run's last checkpoint on given prompts
 
 
 def _set_paths(name: str):
@@ -258,6 +263,26 @@ def d_checks_table(d_checks: dict) -> str:
             "chance 0.5.\n\n" + "\n".join(lines))
 
 
+def common_prompts_table(evals: dict) -> str:
+    """Markdown: per run, ``scadfast.evaluate``'s shapes metrics, mPPD and CLIP score of its last
+    checkpoint on one prompt set shared by every row (kept as ``<variant>-s<seed>.common-prompts.json``)."""
+    head = ["run", "step", "alignment ↑", *ATTRS, "coverage ↑ (ceiling)", "mPPD ↑", "CLIP score"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, r in evals.items():
+        m = r["metrics"]
+        sh = m["shapes"]
+        cells = [f"`{label}`", str(r["step"]), f"{sh['alignment']:.3f}",
+                 *(f"{sh['alignment_per_attribute'].get(at, float('nan')):.3f}" for at in ATTRS),
+                 f"{sh['coverage']:.3f} ({sh['coverage_ideal']:.2f})",
+                 f"{m['ppd']['mppd']:.3f}" if "ppd" in m else "–",
+                 f"{m['clip_score']['clip_score']:.3f}" if "clip_score" in m else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    first = next(iter(evals.values()))["settings"]
+    return (f"The same runs' last checkpoints on one prompt set ({len(first['prompts'])} prompts, the same for every "
+            f"row, {first['n_per_prompt']} images each, noise seed {first['seed']}; "
+            f"`python -m scadfast.evaluate --prompts FILE`, kept as `<run>{COMMON}`):\n\n" + "\n".join(lines))
+
+
 def _clipped_steps(log_path) -> int | None:
     """How many D steps a run's ``--d-grad-clip`` clipped: the sum of its progress lines'
     ``clipped_steps=N`` (each counts the steps since the line before); None without a log or a clip."""
@@ -271,7 +296,7 @@ def compare(a) -> int:
     """One table (and one curves PNG) of single kept runs from any sets: ``LABEL=SET/VARIANT-sSEED``."""
     from scadfast.metrics.curves import plot_curves
 
-    rows, machines, d_checks, clipped = {}, set(), {}, {}
+    rows, machines, d_checks, clipped, evals = {}, set(), {}, {}, {}
     for spec in a.runs:
         label, _, ref = spec.rpartition("=")
         set_name, _, name = ref.partition("/")
@@ -288,6 +313,14 @@ def compare(a) -> int:
         d_path = os.path.join(keep, name + D_CHECKS)
         if os.path.isfile(d_path):
             d_checks[label or ref] = json.load(open(d_path))["results"][-1]
+        e_path = os.path.join(keep, name + COMMON)
+        if os.path.isfile(e_path):
+            evals[label or ref] = json.load(open(e_path))
+    settings = {json.dumps({k: e["settings"][k] for k in ("prompts", "n_per_prompt", "seed")}) for e in evals.values()}
+    if len(settings) > 1:
+        print(f"error: the kept {COMMON} files of {', '.join(evals)} used different prompts, images per prompt "
+              "or seeds; evaluate every run with the same --prompts, --n-per-prompt and --seed", file=sys.stderr)
+        return 2
     png = os.path.join(ROOT, "docs", f"{a.name}-curves.png")
     plot_curves({k: recs for k, [(_, recs, _)] in rows.items()}, png, title=f"{a.name}, held-out shapes prompts")
     md = table(rows, first="run") + (f"\n\nMachine: {'; '.join(sorted(machines))}. Commands: each run's `.summary.json`; "
@@ -297,6 +330,8 @@ def compare(a) -> int:
                + ", ".join(f"`{k}` {n}" for k, n in clipped.items()) + ".")
     if d_checks:
         md += "\n\n" + d_checks_table(d_checks)
+    if evals:
+        md += "\n\n" + common_prompts_table(evals)
     print(md)
     return splice_readme(a.readme, f"<!-- {a.name}:begin -->", f"<!-- {a.name}:end -->", md) if a.readme else 0
 

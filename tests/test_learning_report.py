@@ -141,3 +141,40 @@ def test_run_keeps_snapshots_summary_grid_and_console(learning, tmp_path, monkey
     log = open(os.path.join(keep, "scad-s0.log")).read()
     assert "step 2/2" in log and "clipped_steps=1" in log  # the progress lines, as the console showed them
     assert os.path.getsize(tmp_path / "docs" / "samples" / "learning" / "scad-s0.png") > 100
+
+
+def _evaluate_json(prompts, alignment):
+    """The parts of ``python -m scadfast.evaluate --out`` that ``compare`` reads."""
+    per = {"shape": 0.25, "color": 0.5, "size": 0.375, "position": 0.125, "background": 1.0}
+    return {"step": 1000, "variant": "scad_mi", "settings": {"n_per_prompt": 4, "seed": 0, "prompts": prompts},
+            "metrics": {"shapes": {"alignment": alignment, "alignment_per_attribute": per, "coverage": 0.3,
+                                   "coverage_ideal": 0.48},
+                        "ppd": {"mppd": 0.4}, "clip_score": {"clip_score": 25.0}}}
+
+
+def test_compare_adds_the_runs_on_one_prompt_set_and_refuses_different_sets(learning, tmp_path):
+    for set_name in ("learning", "more-x"):
+        keep = learning._set_paths(set_name)[0]
+        os.makedirs(keep, exist_ok=True)
+        with open(os.path.join(keep, "scad_mi-s0.jsonl"), "w") as f:
+            f.write(json.dumps(_rec(1000, 0.1, 0.1)) + "\n")
+        json.dump({"wall_s": 60.0, "machine": "box"}, open(os.path.join(keep, "scad_mi-s0.summary.json"), "w"))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- md:begin -->\n<!-- md:end -->\n")
+    args = ["compare", "--name", "md", "--readme", str(readme), "base=learning/scad_mi-s0", "more=more-x/scad_mi-s0"]
+    assert learning.main(args) == 0 and "one prompt set" not in readme.read_text()  # no run has the file
+
+    prompts = ["a red circle", "a blue star on a white background"]
+    for set_name, al in (("learning", 0.125), ("more-x", 0.0625)):
+        json.dump(_evaluate_json(prompts, al),
+                  open(os.path.join(learning._set_paths(set_name)[0], "scad_mi-s0" + learning.COMMON), "w"))
+    assert learning.main(args) == 0
+    text = readme.read_text()
+    assert "one prompt set (2 prompts, the same for every row, 4 images each, noise seed 0" in text
+    assert "| `base` | 1000 | 0.125 | 0.250 | 0.500 | 0.375 | 0.125 | 1.000 | 0.300 (0.48) | 0.400 | 25.000 |" in text
+    assert "| `more` | 1000 | 0.062 |" in text
+
+    json.dump(_evaluate_json(prompts[:1], 0.5),
+              open(os.path.join(learning._set_paths("more-x")[0], "scad_mi-s0" + learning.COMMON), "w"))
+    assert learning.main(args) == 2  # different prompts: refused, the README keeps the last good table
+    assert "| `more` | 1000 | 0.062 |" in readme.read_text()
