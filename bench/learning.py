@@ -36,7 +36,10 @@ checkpoint) adds a row to a second table: which attributes its discriminator che
 kept with ``<variant>-s<seed>.common-prompts.json`` (``python -m scadfast.evaluate --ckpt RUN
 --prompts FILE --out …`` on its last checkpoint) adds a row to a table on one prompt set for all runs —
 for runs whose held-out prompts differ, e.g. runs on different training sets (the held-out prompts
-exclude each run's own training captions); ``compare`` refuses if those files used different prompts.
+exclude each run's own training captions); ``compare`` refuses if those files used different prompts. ``run`` keeps that file for every run
+(``--common-prompts``, default the 96 prompts of ``docs/results/heldout-prompts-96.txt``, held out
+from the default set's and from ``shapes:n=20000``'s captions), and ``report`` adds the set's table on
+those prompts, mean ± std over the seeds that have it: the 16 snapshot prompts are a small draw.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ DEFAULT_SET = "learning"
 ATTRS = ("shape", "color", "size", "position", "background")
 D_CHECKS = ".d-attributes.json"  # bench/d_attributes.py's JSON of a kept run's last checkpoint
 COMMON = ".common-prompts.json"  # scadfast.evaluate's JSON of a kept run's last checkpoint on given prompts
+COMMON_PROMPTS = os.path.join(ROOT, "docs", "results", "heldout-prompts-96.txt")  # see heldout-prompts-96.md
 
 
 def _set_paths(name: str):
@@ -100,6 +104,16 @@ def run(a, extra) -> int:
             json.dump(summary, open(os.path.join(keep, name + ".summary.json"), "w"), indent=1)
             shutil.copy(os.path.join(out, "samples", "latest.png"), os.path.join(samples, name + ".png"))
             shutil.copy(os.path.join(out, "console.log"), os.path.join(keep, name + ".log"))
+            if a.common_prompts:
+                ev = [sys.executable, "-m", "scadfast.evaluate", "--ckpt", os.path.join(out, "ckpt.pt"),
+                      "--metrics", "shapes,clip_score,ppd", "--prompts", a.common_prompts, "--n-per-prompt", "16",
+                      "--out", os.path.join(keep, name + COMMON), "--quiet"]
+                print("+", " ".join(ev), flush=True)
+                rc = subprocess.call(ev)
+                if rc != 0:
+                    print(f"error: scoring {name} on {a.common_prompts} failed (exit {rc}); the run is kept",
+                          file=sys.stderr)
+                    return rc
     return 0
 
 
@@ -234,6 +248,21 @@ def report(a) -> int:
     vs = claim(by_variant)
     if vs:
         md += "\n\n" + vs
+    by_common = {}
+    for v, runs in by_variant.items():
+        for seed, _, summ in runs:
+            path = os.path.join(keep, f"{v}-s{seed}{COMMON}")
+            if os.path.isfile(path):
+                by_common.setdefault(v, []).append((seed, json.load(open(path)), summ))
+    if by_common:
+        common = _common_caption([e for runs in by_common.values() for _, e, _ in runs])
+        if common is None:
+            return 2
+        by_common = {v: [(seed, [_common_record(e)], summ) for seed, e, summ in runs] for v, runs in by_common.items()}
+        md += "\n\n" + common + "\n\n" + table(by_common)
+        vs = claim(by_common)
+        if vs:
+            md += "\n\n" + vs
     machines = sorted({s.get("machine", "?") for runs in by_variant.values() for _, _, s in runs if s})
     walls = [s["wall_s"] for runs in by_variant.values() for _, _, s in runs if s.get("wall_s")]
     shared = (" Wall is each variant's fastest seed: some runs shared the cores with another job (up to "
@@ -263,24 +292,27 @@ def d_checks_table(d_checks: dict) -> str:
             "chance 0.5.\n\n" + "\n".join(lines))
 
 
-def common_prompts_table(evals: dict) -> str:
-    """Markdown: per run, ``scadfast.evaluate``'s shapes metrics, mPPD and CLIP score of its last
-    checkpoint on one prompt set shared by every row (kept as ``<variant>-s<seed>.common-prompts.json``)."""
-    head = ["run", "step", "alignment ↑", *ATTRS, "coverage ↑ (ceiling)", "mPPD ↑", "CLIP score"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for label, r in evals.items():
-        m = r["metrics"]
-        sh = m["shapes"]
-        cells = [f"`{label}`", str(r["step"]), f"{sh['alignment']:.3f}",
-                 *(f"{sh['alignment_per_attribute'].get(at, float('nan')):.3f}" for at in ATTRS),
-                 f"{sh['coverage']:.3f} ({sh['coverage_ideal']:.2f})",
-                 f"{m['ppd']['mppd']:.3f}" if "ppd" in m else "–",
-                 f"{m['clip_score']['clip_score']:.3f}" if "clip_score" in m else "–"]
-        lines.append("| " + " | ".join(cells) + " |")
-    first = next(iter(evals.values()))["settings"]
-    return (f"The same runs' last checkpoints on one prompt set ({len(first['prompts'])} prompts, the same for every "
+def _common_record(ev: dict) -> dict:
+    """``scadfast.evaluate``'s JSON of a final checkpoint (kept as ``<run>.common-prompts.json``) as a
+    snapshot record, so that :func:`table` and :func:`claim` read it like a run's last snapshot."""
+    m = ev["metrics"]
+    return {"step": ev["step"], **{k: m["shapes"][k] for k in ("alignment", "alignment_per_attribute",
+                                                                "coverage", "coverage_ideal")},
+            "mppd": m["ppd"]["mppd"], "clip_score": m["clip_score"]["clip_score"]}
+
+
+def _common_caption(evals: list) -> str | None:
+    """The heading of the one-prompt-set table, or None (after one line on stderr) when the kept
+    ``.common-prompts.json`` files used different prompts, images per prompt or noise seeds."""
+    keys = ("prompts", "n_per_prompt", "seed")
+    if len({json.dumps({k: e["settings"][k] for k in keys}) for e in evals}) > 1:
+        print(f"error: the kept {COMMON} files used different prompts, images per prompt or seeds; evaluate "
+              "every run with the same --prompts, --n-per-prompt and --seed", file=sys.stderr)
+        return None
+    first = evals[0]["settings"]
+    return (f"The final checkpoints on one prompt set ({len(first['prompts'])} prompts, the same for every "
             f"row, {first['n_per_prompt']} images each, noise seed {first['seed']}; "
-            f"`python -m scadfast.evaluate --prompts FILE`, kept as `<run>{COMMON}`):\n\n" + "\n".join(lines))
+            f"`python -m scadfast.evaluate --prompts FILE`, kept as `<run>{COMMON}`):")
 
 
 def _clipped_steps(log_path) -> int | None:
@@ -316,10 +348,8 @@ def compare(a) -> int:
         e_path = os.path.join(keep, name + COMMON)
         if os.path.isfile(e_path):
             evals[label or ref] = json.load(open(e_path))
-    settings = {json.dumps({k: e["settings"][k] for k in ("prompts", "n_per_prompt", "seed")}) for e in evals.values()}
-    if len(settings) > 1:
-        print(f"error: the kept {COMMON} files of {', '.join(evals)} used different prompts, images per prompt "
-              "or seeds; evaluate every run with the same --prompts, --n-per-prompt and --seed", file=sys.stderr)
+    common = _common_caption(list(evals.values())) if evals else ""
+    if common is None:
         return 2
     png = os.path.join(ROOT, "docs", f"{a.name}-curves.png")
     plot_curves({k: recs for k, [(_, recs, _)] in rows.items()}, png, title=f"{a.name}, held-out shapes prompts")
@@ -331,7 +361,8 @@ def compare(a) -> int:
     if d_checks:
         md += "\n\n" + d_checks_table(d_checks)
     if evals:
-        md += "\n\n" + common_prompts_table(evals)
+        md += "\n\n" + common + "\n\n" + table(
+            {k: [(rows[k][0][0], [_common_record(e)], rows[k][0][2])] for k, e in evals.items()}, first="run")
     print(md)
     return splice_readme(a.readme, f"<!-- {a.name}:begin -->", f"<!-- {a.name}:end -->", md) if a.readme else 0
 
@@ -350,6 +381,9 @@ def main(argv=None) -> int:
     r.add_argument("--steps", type=int, default=None, help="default: the engine's default")
     r.add_argument("--runs", default=os.path.join(ROOT, "runs", "learning"))
     r.add_argument("--machine", default="2-core CPU (no GPU)", help="recorded with each run")
+    r.add_argument("--common-prompts", default=COMMON_PROMPTS, metavar="FILE",
+                   help="also score each final checkpoint on these prompts (16 images each) and keep it as "
+                        f"<run>{COMMON} ('' to skip; default: the 96 held-out prompts)")
     q = sub.add_parser("report")
     g = sub.add_parser("real", help="score real renders of the held-out prompts (the table's ceiling row)")
     c = sub.add_parser("compare", help="one table of single runs from several sets")

@@ -129,9 +129,15 @@ def test_run_keeps_snapshots_summary_grid_and_console(learning, tmp_path, monkey
     """``run`` trains a (tiny) run and keeps what the table reads plus the run's console log."""
     monkeypatch.setattr(learning, "SAMPLES", str(tmp_path / "docs" / "samples" / "learning"))
     flags = [*tiny_train(eval_every=2), "--eval-prompts", "2", "--eval-n", "2", "--d-grad-clip", "1e-6"]
-    assert learning.main(["run", "--variants", "scad", "--seeds", "0", "--steps", "2",
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on the left\na blue star\n")
+    assert learning.main(["run", "--variants", "scad", "--seeds", "0", "--steps", "2", "--common-prompts", str(prompts),
                           "--runs", str(tmp_path / "runs"), "--machine", "test box", "--", *flags]) == 0
     keep = learning.KEEP
+    common = json.load(open(os.path.join(keep, "scad-s0" + learning.COMMON)))  # the final checkpoint, scored
+    assert common["step"] == 2 and common["settings"]["prompts"] == ["a red circle on the left", "a blue star"]
+    assert common["settings"]["n_per_prompt"] == 16 and 0.0 <= common["metrics"]["shapes"]["alignment"] <= 1.0
+    assert os.path.isfile(learning.COMMON_PROMPTS)  # the default prompt file is committed
     recs = [json.loads(line) for line in open(os.path.join(keep, "scad-s0.jsonl"))]
     assert [r["step"] for r in recs] == [0, 2] and "alignment" in recs[-1]
     summary = json.load(open(os.path.join(keep, "scad-s0.summary.json")))
@@ -171,10 +177,34 @@ def test_compare_adds_the_runs_on_one_prompt_set_and_refuses_different_sets(lear
     assert learning.main(args) == 0
     text = readme.read_text()
     assert "one prompt set (2 prompts, the same for every row, 4 images each, noise seed 0" in text
-    assert "| `base` | 1000 | 0.125 | 0.250 | 0.500 | 0.375 | 0.125 | 1.000 | 0.300 (0.48) | 0.400 | 25.000 |" in text
-    assert "| `more` | 1000 | 0.062 |" in text
+    assert "| `base` | 0 | 1000 | 0.125 | 0.250 | 0.500 | 0.375 | 0.125 | 1.000 | 0.300 (0.48) | 0.400 | 25.000 |" in text
+    assert "| `more` | 0 | 1000 | 0.062 |" in text
 
     json.dump(_evaluate_json(prompts[:1], 0.5),
               open(os.path.join(learning._set_paths("more-x")[0], "scad_mi-s0" + learning.COMMON), "w"))
     assert learning.main(args) == 2  # different prompts: refused, the README keeps the last good table
-    assert "| `more` | 1000 | 0.062 |" in readme.read_text()
+    assert "| `more` | 0 | 1000 | 0.062 |" in readme.read_text()
+
+
+def test_report_adds_the_seeds_on_one_prompt_set_with_their_own_claim_rows(learning, tmp_path):
+    keep = learning._set_paths("common-x")[0]
+    os.makedirs(keep, exist_ok=True)
+    prompts = ["a red circle", "a blue star"]
+    for variant, seed, al in (("galip", 0, 0.25), ("galip", 1, 0.75), ("scad_mi", 0, 0.5), ("scad_mi", 1, 0.5),
+                              ("scad", 0, 0.125)):
+        name = f"{variant}-s{seed}"
+        with open(os.path.join(keep, name + ".jsonl"), "w") as f:
+            f.write(json.dumps(_rec(1000, 0.1, 0.1)) + "\n")
+        json.dump({"wall_s": 60.0, "machine": "box"}, open(os.path.join(keep, name + ".summary.json"), "w"))
+        if variant != "scad":  # a run without the file is left out of that table only
+            json.dump(_evaluate_json(prompts, al), open(os.path.join(keep, name + learning.COMMON), "w"))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- common-x:begin -->\n<!-- common-x:end -->\n")
+    assert learning.main(["report", "--set", "common-x", "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    common = text[text.index("one prompt set (2 prompts"):]
+    assert "| `galip` | 0,1 | 1000 | 0.500 ± 0.354 |" in common and "| `scad_mi` | 0,1 | 1000 | 0.500 ± 0.000 |" in common
+    assert "`scad`" not in common
+    assert "| `scad_mi` (2 vs 2) | +0.000 ± 0.000 | +0.000 ± 0.000 | +0.000 ± 0.250 (+0.0 s.e.) |" in common
+    json.dump(_evaluate_json(prompts[:1], 0.5), open(os.path.join(keep, "scad_mi-s1" + learning.COMMON), "w"))
+    assert learning.main(["report", "--set", "common-x"]) == 2  # mixed prompt sets: refused
