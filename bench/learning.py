@@ -36,10 +36,11 @@ checkpoint) adds a row to a second table: which attributes its discriminator che
 kept with ``<variant>-s<seed>.common-prompts.json`` (``python -m scadfast.evaluate --ckpt RUN
 --prompts FILE --out …`` on its last checkpoint) adds a row to a table on one prompt set for all runs —
 for runs whose held-out prompts differ, e.g. runs on different training sets (the held-out prompts
-exclude each run's own training captions); ``compare`` refuses if those files used different prompts. ``run`` keeps that file for every run
-(``--common-prompts``, default the 96 prompts of ``docs/results/heldout-prompts-96.txt``, held out
-from the default set's and from ``shapes:n=20000``'s captions), and ``report`` adds the set's table on
-those prompts, mean ± std over the seeds that have it: the 16 snapshot prompts are a small draw.
+exclude each run's own training captions); ``compare`` refuses if those files used different prompts.
+``run`` keeps that file for every run (``--common-prompts``, default the 96 prompts of
+``docs/results/heldout-prompts-96.txt``, held out from the default set's and from ``shapes:n=20000``'s
+captions), and ``report`` adds the set's table on those prompts, mean ± std over the seeds that have
+it: the 16 snapshot prompts are a small draw.
 """
 
 from __future__ import annotations
@@ -248,17 +249,17 @@ def report(a) -> int:
     vs = claim(by_variant)
     if vs:
         md += "\n\n" + vs
-    by_common = {}
+    evals, by_common = [], {}
     for v, runs in by_variant.items():
         for seed, _, summ in runs:
-            path = os.path.join(keep, f"{v}-s{seed}{COMMON}")
-            if os.path.isfile(path):
-                by_common.setdefault(v, []).append((seed, json.load(open(path)), summ))
-    if by_common:
-        common = _common_caption([e for runs in by_common.values() for _, e, _ in runs])
+            ev = _kept_common(keep, f"{v}-s{seed}")
+            if ev:
+                evals.append(ev)
+                by_common.setdefault(v, []).append((seed, [_common_record(ev)], summ))
+    if evals:
+        common = _common_caption(evals)
         if common is None:
             return 2
-        by_common = {v: [(seed, [_common_record(e)], summ) for seed, e, summ in runs] for v, runs in by_common.items()}
         md += "\n\n" + common + "\n\n" + table(by_common)
         vs = claim(by_common)
         if vs:
@@ -290,6 +291,12 @@ def d_checks_table(d_checks: dict) -> str:
             f"`<run>{D_CHECKS}`): how often it scores the true caption above the same caption with one named "
             f"attribute changed, on {n} fresh real renders / on the run's own images of the same captions; "
             "chance 0.5.\n\n" + "\n".join(lines))
+
+
+def _kept_common(keep: str, name: str) -> dict | None:
+    """The kept run ``name``'s ``scadfast.evaluate`` JSON on the common prompts, or None."""
+    path = os.path.join(keep, name + COMMON)
+    return json.load(open(path)) if os.path.isfile(path) else None
 
 
 def _common_record(ev: dict) -> dict:
@@ -345,9 +352,9 @@ def compare(a) -> int:
         d_path = os.path.join(keep, name + D_CHECKS)
         if os.path.isfile(d_path):
             d_checks[label or ref] = json.load(open(d_path))["results"][-1]
-        e_path = os.path.join(keep, name + COMMON)
-        if os.path.isfile(e_path):
-            evals[label or ref] = json.load(open(e_path))
+        ev = _kept_common(keep, name)
+        if ev:
+            evals[label or ref] = ev
     common = _common_caption(list(evals.values())) if evals else ""
     if common is None:
         return 2
