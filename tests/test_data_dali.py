@@ -1,8 +1,8 @@
 """Source indexing and the DALI pipeline (CPU: ``device_id=None``; the GPU path needs a GPU).
 
-Fixture images encode their record number in their colour: the left part of image ``i`` has red
-level ``20 + 9 i`` and the right part is white, so a batch can be checked against its indices (and
-a horizontal flip is visible).
+Fixture images encode their record number in their colour (``coded_images.py``): the left part of
+image ``i`` has red level ``20 + 9 i`` and the right part is white, so a batch can be checked against
+its indices (and a horizontal flip is visible).
 """
 
 import io
@@ -27,17 +27,11 @@ from scadfast.data import (  # noqa: E402
 )
 from scadfast.data.sources import DataSpec, check_image_bytes  # noqa: E402
 
+from coded_images import coded_jpeg  # noqa: E402
+
 N = 22  # with batch 4: 5 full batches, the last 2 records dropped
 B = 4
 S = 32
-
-
-def coded_jpeg(i: int) -> bytes:
-    img = np.full((48, 64, 3), 255, np.uint8)  # H x W: resize-shorter + centre crop are exercised
-    img[:, :32] = (20 + 9 * i, 120, 60)
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
 
 
 def decode_ids(images: torch.Tensor):

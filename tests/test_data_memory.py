@@ -1,31 +1,23 @@
 """The in-memory loader (``backend="memory"``): DALI's batches, order and resume without DALI.
 
-Fixture images encode their record number in their colour (left part red level ``20 + 9 i``, right
-part white), as in ``test_data_dali.py``, so a batch can be checked against its indices and a
-horizontal flip is visible.
+Fixture images encode their record number in their colour (``coded_images.py``: left part red level
+``20 + 9 i``, right part white), as in ``test_data_dali.py``, so a batch can be checked against its
+indices and a horizontal flip is visible.
 """
 
-import io
 import warnings
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from scadfast.data import DataWarning, make_loader
 from scadfast.data import dali as dali_lib
 from scadfast.data.memory import MemoryLoader, decode_image
 
+from coded_images import coded_image
+
 N, B, S = 22, 4, 32
-
-
-def coded_image(i: int, fmt: str = "PNG") -> bytes:
-    img = np.full((48, 64, 3), 255, np.uint8)  # H x W: resize-shorter + centre crop are exercised
-    img[:, :32] = (20 + 9 * i, 120, 60)
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format=fmt)
-    return buf.getvalue()
 
 
 @pytest.fixture
