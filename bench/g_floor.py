@@ -1,7 +1,8 @@
 """How fast can the generator learn the shapes task from a direct pixel teacher? (learning issue)
 
     python bench/g_floor.py [--steps 1500] [--lr 1e-3] [--object-weight 30] [--ngf 32]
-                            [--arch galip|decoder] [--betas B1 B2] [--canonical]
+                            [--arch galip|decoder] [--betas B1 B2] [--canonical] [--cond text|onehot]
+                            [--image-size 64]
                             [--eval-every 100] [--seed 0] [--threads 2] [--out JSON] [--grid PNG]
     python bench/g_floor.py --optimum [--renders 32] [--out JSON]
     python bench/g_floor.py --report JSON [JSON ...] [--readme README.md] [--plot PNG]
@@ -43,6 +44,17 @@ background), so each caption has exactly one target and no sample's gradient is 
 unchanged (fresh jittered renders). It tells "shape is slow because the jittered targets' outlines
 disagree" from "shape is slow even when the answer is exact".
 
+``--cond onehot`` replaces the text embedding s by an exact code of the caption: the five attributes'
+one-hot vectors (6 + 8 + 3 + 9 + 5 = 31 entries, each hot entry :data:`ONEHOT_SCALE`) in the first
+31 of s's dimensions, zeros elsewhere, for training and evaluation alike. It tells "shape is slow
+because s hides it" from "shape is slow even when the generator is told it exactly".
+
+``--image-size N`` renders the same scenes at N px (the renderer places and sizes everything in
+fractions of the side, so at 128 px an object covers 4× the pixels) and has the generator draw them
+at N px (G: its Dec2 up-samples to N; the decoder: one more up-sampling stage per doubling); the
+classifier reads every image resized to its 64 px (antialiased), as it reads any input. It tells
+"shape is slow because the object is a few pixels" from "shape is slow at any resolution".
+
 Reading: this teacher tells G every pixel of the answer, which no GAN's discriminator does. The step
 at which G learns an attribute here is therefore a floor for what the GAN can learn in that many
 steps with the same generator and optimiser (the embedded GAN run has 1000 steps) — with one
@@ -74,6 +86,7 @@ from common import environment, splice_readme, write_json  # noqa: E402
 
 NAMES = shp.ATTRIBUTE_NAMES
 EVAL_SEED = 123_457  # the evaluation captions' and noise's seed; training draws from --seed
+ONEHOT_SCALE = 3.0  # --cond onehot: the value of each hot entry (five of them: norm 6.7; s's mean norm is 14.4)
 
 
 def object_mask(x: torch.Tensor, threshold: float = 0.3) -> torch.Tensor:
@@ -99,11 +112,20 @@ def pixel_weights(x: torch.Tensor, object_weight: float) -> torch.Tensor:
 
 
 class CaptionBatches:
-    """Fully specified captions, their renders and their text embeddings (cached per caption)."""
+    """Fully specified captions, their renders and their text embeddings (cached per caption), or with
+    ``onehot`` an exact code of their attributes in place of the embedding (see ``--cond``)."""
 
-    def __init__(self, clip: FrozenCLIP, image_size: int):
-        self.clip, self.image_size = clip, image_size
+    def __init__(self, clip: FrozenCLIP, image_size: int, onehot: bool = False):
+        self.clip, self.image_size, self.onehot = clip, image_size, onehot
         self._emb: dict[str, torch.Tensor] = {}
+        sizes = [len(shp.ATTRIBUTES[a]) for a in NAMES]
+        self._offsets = torch.tensor(np.cumsum([0] + sizes[:-1]))
+
+    def code(self, labels: torch.Tensor) -> torch.Tensor:
+        """(n, embed_dim): each attribute's one-hot block (value ``ONEHOT_SCALE``), zeros after them."""
+        out = torch.zeros(len(labels), self.clip.embed_dim)
+        out.scatter_(1, labels + self._offsets, ONEHOT_SCALE)
+        return out
 
     @torch.no_grad()
     def embed(self, captions: list[str]) -> torch.Tensor:
@@ -128,7 +150,7 @@ class CaptionBatches:
         attrs, labels = draw_attrs(rng, n)
         caps = [shp.format_caption(a, NAMES) for a in attrs]
         x = to_unit(np.stack([shp.render(a, self.image_size, None if canonical else rng) for a in attrs]))
-        return self.embed(caps), x, labels
+        return (self.code(labels) if self.onehot else self.embed(caps)), x, labels
 
 
 class Decoder(torch.nn.Module):
@@ -138,6 +160,8 @@ class Decoder(torch.nn.Module):
     first layer, where GALIP's G has it only in per-channel affines and the mapper's prompts."""
 
     def __init__(self, cond_dim: int, width: int = 256, grid: int = 8, n_up: int = 3):
+        if width >> n_up < 3:
+            raise ValueError(f"Decoder: width {width} cannot halve {n_up} times")
         super().__init__()
         nn = torch.nn
         self.width, self.grid = width, grid
@@ -200,17 +224,19 @@ def accuracy(G, z: torch.Tensor, s: torch.Tensor, labels: torch.Tensor, clf) -> 
 def run(steps: int = 1500, lr: float = 1e-3, object_weight: float = 30.0, ngf: int = 32,
         eval_every: int = 100, seed: int = 0, n_eval: int = 256, batch_size: int = 16,
         grid: str | None = None, prefill: bool = True, arch: str = "galip",
-        betas: tuple[float, float] | None = None, canonical: bool = False, log=print) -> dict:
+        betas: tuple[float, float] | None = None, canonical: bool = False, cond: str = "text",
+        image_size: int | None = None, log=print) -> dict:
     torch.manual_seed(seed)
     clip = FrozenCLIP(TINY_NAME, pretrained="shapes")
+    size = int(image_size or clip.image_size)
     cfg = variants.get("scad_mi", ngf=ngf, ndf=32)
     if arch == "galip":
-        G = variants.build(cfg, clip, img_size=clip.image_size).G
+        G = variants.build(cfg, clip, img_size=size).G
     else:
-        G = Decoder(cfg.z_dim + clip.embed_dim, grid=clip.image_size // 8)
+        G = Decoder(cfg.z_dim + clip.embed_dim, grid=8, n_up=round(np.log2(size / 8)))
     clf = sc.load(sc.shipped_path())
-    data = CaptionBatches(clip, clip.image_size)
-    if prefill:
+    data = CaptionBatches(clip, size, onehot=cond == "onehot")
+    if prefill and not data.onehot:
         data.embed_all()
     s_eval, x_eval, y_eval = data.draw(np.random.default_rng(EVAL_SEED), n_eval)  # always jittered
     z_eval = torch.randn(n_eval, cfg.z_dim, generator=torch.Generator().manual_seed(EVAL_SEED))
@@ -247,7 +273,15 @@ def label(res: dict) -> str:
     b1, b2 = a.get("betas") or variants.get("scad_mi").betas
     who = "control decoder" if a.get("arch") == "decoder" else f"G ngf {a['ngf']}"
     canon = ", canonical renders (no jitter)" if a.get("canonical") else ""
-    return f"{who}, lr {a['lr']:g}, Adam ({b1:g}, {b2:g}), object weight {a['object_weight']:g}{canon}"
+    code = ", one-hot attributes instead of s" if a.get("cond") == "onehot" else ""
+    return (f"{who}, lr {a['lr']:g}, Adam ({b1:g}, {b2:g}), object weight {a['object_weight']:g}"
+            f"{canon}{code}{_px(res)}")
+
+
+def _px(res: dict) -> str:
+    """", N px" for a run or optimum at another image size than the embedded 64 px."""
+    n = res["args"].get("image_size", 64)
+    return f", {n} px" if n != 64 else ""
 
 
 def is_optimum(res: dict) -> bool:
@@ -260,7 +294,7 @@ def report_table(results: list[dict]) -> str:
         if is_optimum(res):
             r = res["accuracy"]
             rows.append([f"the loss's optimum (weighted median of {res['args']['renders']} renders, object weight "
-                         f"{res['args']['object_weight']:g})", "–"] + [f"{r[a]:.2f}" for a in (*NAMES, "all")])
+                         f"{res['args']['object_weight']:g}{_px(res)})", "–"] + [f"{r[a]:.2f}" for a in (*NAMES, "all")])
             continue
         curve = {r["step"]: r for r in res["curve"]}
         last = max(curve)
@@ -292,7 +326,7 @@ def plot(results: list[dict], path: str) -> str:
             colour, ls = next(optimum_styles)
             for ax, a in zip(axes[0], NAMES):
                 ax.axhline(res["accuracy"][a], color=colour, ls=ls, lw=1.2,
-                           label=f"the loss's optimum, object weight {res['args']['object_weight']:g}")
+                           label=f"the loss's optimum, object weight {res['args']['object_weight']:g}{_px(res)}")
             continue
         steps = [r["step"] for r in res["curve"]]
         for ax, a in zip(axes[0], NAMES):
@@ -330,6 +364,12 @@ def main(argv=None) -> int:
     p.add_argument("--canonical", action="store_true",
                    help="teach with the renderer's canonical images (no nuisance jitter: one exact target "
                         "per caption); evaluation is unchanged")
+    p.add_argument("--cond", choices=("text", "onehot"), default="text",
+                   help="text: condition on the shipped CLIP's sentence embedding s; onehot: on an exact "
+                        "one-hot code of the five attributes instead (see below)")
+    p.add_argument("--image-size", type=int, default=64,
+                   help="render and generate at this many pixels (a power of two >= 16); the classifier "
+                        "reads every image resized to 64 px")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--n-eval", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
@@ -358,20 +398,24 @@ def main(argv=None) -> int:
     for name in ("steps", "eval_every", "n_eval", "ngf", "renders"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.image_size < 16 or args.image_size & (args.image_size - 1):
+        p.error(f"--image-size must be a power of two >= 16, got {args.image_size}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.optimum:
         args_kept = {k: getattr(args, k) for k in ("object_weight", "n_eval", "renders")}
+        if args.image_size != 64:
+            args_kept["image_size"] = args.image_size
         out = {"what": "bench/g_floor.py --optimum: shipped classifier on the weighted pixelwise median of "
                        "fresh renders of each evaluation caption (the weighted L1 loss's minimiser)",
-               "args": args_kept, "accuracy": optimum(args.object_weight, args.n_eval, args.renders)}
+               "args": args_kept, "accuracy": optimum(args.object_weight, args.n_eval, args.renders, args.image_size)}
         print("  ".join(f"{k} {v:.2f}" for k, v in out["accuracy"].items()))
         if args.out:
             write_json(args.out, out, announce=True)
         return 0
     res = run(args.steps, args.lr, args.object_weight, args.ngf, args.eval_every, args.seed,
               args.n_eval, grid=args.grid, prefill=not args.no_prefill, arch=args.arch, betas=args.betas,
-              canonical=args.canonical)
+              canonical=args.canonical, cond=args.cond, image_size=args.image_size)
     out = {"what": "bench/g_floor.py: the embedded generator trained by object-weighted L1 regression to "
                    "renders of fully specified captions; shipped classifier on n_eval fixed evaluation captions",
            "args": vars(args), "environment": environment(torch.device("cpu")), **res}

@@ -100,3 +100,47 @@ def test_canonical_teacher_has_one_exact_target_per_caption(bench_module):
     torch.testing.assert_close(xe, xj, rtol=0, atol=0)  # jittered draws depend only on the rng
     args = {"ngf": 32, "lr": 1e-3, "object_weight": 3.0, "arch": "decoder", "betas": [0.5, 0.999], "canonical": True}
     assert gf.label({"args": args}).endswith("object weight 3, canonical renders (no jitter)")
+
+
+def test_onehot_code_names_each_attribute_in_its_own_block(bench_module, tmp_path, one_thread):
+    gf = bench_module("g_floor")
+
+    class StandInCLIP:  # only the width of s enters the code
+        embed_dim = 40
+
+    data = gf.CaptionBatches(StandInCLIP(), 64, onehot=True)
+    attrs, labels = gf.draw_attrs(np.random.default_rng(0), 12)
+    code = data.code(labels)
+    assert code.shape == (12, 40) and not code[:, 31:].any()
+    assert torch.equal(code.sum(1), torch.full((12,), 5 * gf.ONEHOT_SCALE))
+    start = 0
+    for k, a in enumerate(shp.ATTRIBUTE_NAMES):
+        block = code[:, start:start + len(shp.ATTRIBUTES[a])]
+        assert [shp.ATTRIBUTES[a][i] for i in block.argmax(1).tolist()] == [at[a] for at in attrs]
+        assert torch.equal((block > 0).sum(1), torch.ones(12, dtype=torch.long))
+        start += len(shp.ATTRIBUTES[a])
+    s, x, y = data.draw(np.random.default_rng(1), 3, canonical=True)
+    assert torch.equal(s, data.code(y)) and x.shape == (3, 3, 64, 64)
+
+    out = tmp_path / "onehot.json"
+    assert gf.main(["--arch", "decoder", "--cond", "onehot", "--steps", "1", "--eval-every", "1",
+                    "--n-eval", "4", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["args"]["cond"] == "onehot" and gf.label(res).endswith("one-hot attributes instead of s")
+
+
+def test_image_size_draws_at_that_size_and_enters_the_label(bench_module, tmp_path, one_thread):
+    gf = bench_module("g_floor")
+    dec = gf.Decoder(10, grid=8, n_up=4)
+    assert dec(torch.zeros(2, 4), torch.zeros(2, 6)).shape == (2, 3, 128, 128)
+    out, opt, grid = tmp_path / "big.json", tmp_path / "opt.json", tmp_path / "big.png"
+    assert gf.main(["--arch", "decoder", "--image-size", "32", "--steps", "1", "--eval-every", "1",
+                    "--n-eval", "4", "--no-prefill", "--out", str(out), "--grid", str(grid)]) == 0
+    res = json.loads(out.read_text())
+    assert res["args"]["image_size"] == 32 and gf.label(res).endswith(", 32 px")
+    assert gf.main(["--optimum", "--image-size", "32", "--n-eval", "4", "--renders", "3", "--out", str(opt)]) == 0
+    assert json.loads(opt.read_text())["args"]["image_size"] == 32
+    assert "object weight 30, 32 px)" in gf.report_table([json.loads(opt.read_text()), res])
+    for bad in ("48", "8"):
+        with pytest.raises(SystemExit):
+            gf.main(["--image-size", bad])
