@@ -2,7 +2,7 @@
 
     python bench/g_floor.py [--steps 1500] [--lr 1e-3] [--object-weight 30] [--ngf 32]
                             [--arch galip|decoder] [--betas B1 B2] [--canonical] [--cond text|onehot]
-                            [--image-size 64]
+                            [--image-size 64] [--batch-size 16]
                             [--eval-every 100] [--seed 0] [--threads 2] [--out JSON] [--grid PNG]
     python bench/g_floor.py --optimum [--renders 32] [--out JSON]
     python bench/g_floor.py --report JSON [JSON ...] [--readme README.md] [--plot PNG]
@@ -19,7 +19,7 @@ targets are renders of fully specified captions: all five attributes are named, 
 fixed up to the renderer's jitter of a few pixels. The loss is L1 per pixel, and the pixels of the
 object (saturated colour: the backgrounds are always neutral grey levels) are weighted by
 ``--object-weight`` so the small object is not drowned by the background. Adam with the recipe's
-betas (0, 0.9), batch 16, the recipe's noise.
+betas (0, 0.9), batch 16 (``--batch-size``), the recipe's noise.
 
 Every ``--eval-every`` steps, 256 fixed evaluation captions (all attributes named, drawn from their
 own seed with fresh renders; of the 6,480 possible captions most also occur in training, which can
@@ -274,8 +274,9 @@ def label(res: dict) -> str:
     who = "control decoder" if a.get("arch") == "decoder" else f"G ngf {a['ngf']}"
     canon = ", canonical renders (no jitter)" if a.get("canonical") else ""
     code = ", one-hot attributes instead of s" if a.get("cond") == "onehot" else ""
+    batch = f", batch {a['batch_size']}" if a.get("batch_size", 16) != 16 else ""
     return (f"{who}, lr {a['lr']:g}, Adam ({b1:g}, {b2:g}), object weight {a['object_weight']:g}"
-            f"{canon}{code}{_px(res)}")
+            f"{canon}{code}{_px(res)}{batch}")
 
 
 def _px(res: dict) -> str:
@@ -370,6 +371,7 @@ def main(argv=None) -> int:
     p.add_argument("--image-size", type=int, default=64,
                    help="render and generate at this many pixels (a power of two >= 16); the classifier "
                         "reads every image resized to 64 px")
+    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--n-eval", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
@@ -395,7 +397,7 @@ def main(argv=None) -> int:
         if args.plot:
             print(f"wrote {plot(results, args.plot)}")
         return splice_readme(args.readme, "<!-- g-floor:begin -->", "<!-- g-floor:end -->", md) if args.readme else 0
-    for name in ("steps", "eval_every", "n_eval", "ngf", "renders"):
+    for name in ("steps", "eval_every", "n_eval", "ngf", "renders", "batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.image_size < 16 or args.image_size & (args.image_size - 1):
@@ -414,7 +416,7 @@ def main(argv=None) -> int:
             write_json(args.out, out, announce=True)
         return 0
     res = run(args.steps, args.lr, args.object_weight, args.ngf, args.eval_every, args.seed,
-              args.n_eval, grid=args.grid, prefill=not args.no_prefill, arch=args.arch, betas=args.betas,
+              args.n_eval, args.batch_size, grid=args.grid, prefill=not args.no_prefill, arch=args.arch, betas=args.betas,
               canonical=args.canonical, cond=args.cond, image_size=args.image_size)
     out = {"what": "bench/g_floor.py: the embedded generator trained by object-weighted L1 regression to "
                    "renders of fully specified captions; shipped classifier on n_eval fixed evaluation captions",

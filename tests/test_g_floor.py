@@ -129,15 +129,15 @@ def test_onehot_code_names_each_attribute_in_its_own_block(bench_module, tmp_pat
     assert res["args"]["cond"] == "onehot" and gf.label(res).endswith("one-hot attributes instead of s")
 
 
-def test_image_size_draws_at_that_size_and_enters_the_label(bench_module, tmp_path, one_thread):
+def test_image_size_and_batch_size_enter_the_run_and_its_label(bench_module, tmp_path, one_thread):
     gf = bench_module("g_floor")
     dec = gf.Decoder(10, grid=8, n_up=4)
     assert dec(torch.zeros(2, 4), torch.zeros(2, 6)).shape == (2, 3, 128, 128)
     out, opt, grid = tmp_path / "big.json", tmp_path / "opt.json", tmp_path / "big.png"
-    assert gf.main(["--arch", "decoder", "--image-size", "32", "--steps", "1", "--eval-every", "1",
-                    "--n-eval", "4", "--no-prefill", "--out", str(out), "--grid", str(grid)]) == 0
+    assert gf.main(["--arch", "decoder", "--image-size", "32", "--batch-size", "2", "--steps", "1",
+                    "--eval-every", "1", "--n-eval", "4", "--no-prefill", "--out", str(out), "--grid", str(grid)]) == 0
     res = json.loads(out.read_text())
-    assert res["args"]["image_size"] == 32 and gf.label(res).endswith(", 32 px")
+    assert res["args"]["image_size"] == 32 and gf.label(res).endswith(", 32 px, batch 2")
     assert gf.main(["--optimum", "--image-size", "32", "--n-eval", "4", "--renders", "3", "--out", str(opt)]) == 0
     assert json.loads(opt.read_text())["args"]["image_size"] == 32
     assert "object weight 30, 32 px)" in gf.report_table([json.loads(opt.read_text()), res])
