@@ -4,7 +4,7 @@
                             [--arch galip|decoder] [--betas B1 B2] [--canonical] [--cond text|onehot]
                             [--image-size 64] [--batch-size 16]
                             [--eval-every 100] [--seed 0] [--threads 2] [--out JSON] [--grid PNG]
-    python bench/g_floor.py --optimum [--renders 32] [--out JSON]
+    python bench/g_floor.py --optimum [--renders 32] [--object-weight 30] [--image-size 64] [--out JSON]
     python bench/g_floor.py --report JSON [JSON ...] [--readme README.md] [--plot PNG]
 
 ``--report`` prints the kept runs as one table (each run at steps 400, 1000, 3000 and its last step) and
@@ -155,13 +155,13 @@ class CaptionBatches:
 
 class Decoder(torch.nn.Module):
     """The control: a conventional conditional decoder of about G's size (4.1 M parameters at the
-    embedded sizes). [z ‖ s] → linear → ReLU → (256, 8, 8) → 3 × (2× nearest up-sampling, conv 3×3,
-    BatchNorm, ReLU), halving the channels → conv 3×3 to RGB. The text reaches the spatial map in the
+    embedded sizes). [z ‖ s] → linear → ReLU → (256, 8, 8) → ``n_up`` × (2× nearest up-sampling, conv
+    3×3, BatchNorm, ReLU), halving the channels (3 stages to 64 px) → conv 3×3 to RGB. The text reaches the spatial map in the
     first layer, where GALIP's G has it only in per-channel affines and the mapper's prompts."""
 
     def __init__(self, cond_dim: int, width: int = 256, grid: int = 8, n_up: int = 3):
-        if width >> n_up < 3:
-            raise ValueError(f"Decoder: width {width} cannot halve {n_up} times")
+        if width >> n_up < 1:
+            raise ValueError(f"Decoder: width {width} cannot be halved {n_up} times")
         super().__init__()
         nn = torch.nn
         self.width, self.grid = width, grid
