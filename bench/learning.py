@@ -79,6 +79,9 @@ def _set_paths(name: str):
 
 
 def run(a, extra) -> int:
+    if a.common_prompts and not os.path.isfile(a.common_prompts):  # found out now, not after the trainings
+        print(f"error: --common-prompts {a.common_prompts}: no such file", file=sys.stderr)
+        return 2
     keep, samples, _, _ = _set_paths(a.set)
     os.makedirs(keep, exist_ok=True)
     os.makedirs(samples, exist_ok=True)

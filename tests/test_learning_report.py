@@ -130,6 +130,9 @@ def test_run_keeps_snapshots_summary_grid_and_console(learning, tmp_path, monkey
     monkeypatch.setattr(learning, "SAMPLES", str(tmp_path / "docs" / "samples" / "learning"))
     flags = [*tiny_train(eval_every=2), "--eval-prompts", "2", "--eval-n", "2", "--d-grad-clip", "1e-6"]
     prompts = tmp_path / "prompts.txt"
+    assert learning.main(["run", "--variants", "scad", "--seeds", "0", "--common-prompts", str(prompts),
+                          "--runs", str(tmp_path / "runs")]) == 2  # no prompt file: refused before training
+    assert not (tmp_path / "runs").exists()
     prompts.write_text("a red circle on the left\na blue star\n")
     assert learning.main(["run", "--variants", "scad", "--seeds", "0", "--steps", "2", "--common-prompts", str(prompts),
                           "--runs", str(tmp_path / "runs"), "--machine", "test box", "--", *flags]) == 0
