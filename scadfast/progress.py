@@ -26,12 +26,13 @@ class Progress:
     eval_scalars = ("alignment", "coverage", "mppd", "clip_score", "fid", "kid")
 
     def __init__(self, total_steps: int, start_step: int = 0, log_dir: str | None = None,
-                 enabled: bool = True, stream=None):
+                 enabled: bool = True, stream=None, start_images: int = 0):
         self.total, self.start = total_steps, start_step
         self.enabled = enabled
         self.stream = stream or sys.stderr
         self.t0 = time.perf_counter()
-        self.last_t, self.last_step, self.images = self.t0, start_step, 0
+        # A resumed run starts at (start_step, start_images): its first window counts only its own images.
+        self.last_t, self.last_step, self.images = self.t0, start_step, start_images
         self.writer = None
         self.latest_metrics: dict = {}
         if enabled and log_dir:

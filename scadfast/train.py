@@ -919,7 +919,8 @@ class Trainer:
 
     def _run(self) -> dict:
         resumed_from = self._begin()
-        progress = Progress(self.args.steps, self.step, os.path.join(self.out, "tb"), enabled=self.is_main)
+        progress = Progress(self.args.steps, self.step, os.path.join(self.out, "tb"), enabled=self.is_main,
+                            start_images=self.images_seen)
         self._print_banner(resumed_from)
         t0, start_images = time.perf_counter(), self.images_seen
         try:
